@@ -1,0 +1,11 @@
+"""keras_moe: Mixture-of-Experts and multi-task layers for Keras 3.
+
+Real sparse (capacity-based, static-shape) token dispatch on TensorFlow, JAX
+and PyTorch.
+"""
+
+__version__ = "0.1.0"
+
+from keras_moe import layers, ops  # noqa: E402
+
+__all__ = ["layers", "ops", "__version__"]

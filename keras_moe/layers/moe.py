@@ -1,0 +1,278 @@
+import keras
+from keras import ops
+
+from keras_moe.layers import _validation as check
+from keras_moe.layers.experts import Experts
+from keras_moe.layers.routers import TopKRouter
+from keras_moe.ops import dispatching as dispatch_ops
+
+DISPATCH_MODES = ("sparse", "dense")
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SparseMoE(keras.layers.Layer):
+    """Sparsely-gated Mixture-of-Experts feed-forward layer.
+
+    Each token `x` (every position of an input `(..., d)`) is sent to the `k`
+    experts its router picks and the outputs are mixed with the router
+    weights:
+
+    `y(x) = sum_{j=1..k} keep_j(x) * w_j(x) * FFN_{e_j(x)}(x)`
+
+    Expert `e` holds at most `C = ceil(k N / E * capacity_factor)` of the `N`
+    tokens of a call; an assignment beyond that is dropped (`keep = 0`, the
+    token's other choices still count; first choices of all tokens are placed
+    before second choices, earlier tokens first). `capacity_factor` applies in
+    training, `eval_capacity_factor` in inference; `None` means dropless
+    (`C = N`).
+
+    `dispatch="sparse"` gathers tokens into static-shape `(E, C, d)` buffers,
+    so the expert compute is proportional to `k * capacity_factor`, not to
+    `E`; it compiles with `jit_compile=True` on TensorFlow and JAX.
+    `dispatch="dense"` runs every expert on every token and masks (as
+    keras-hub's MoE blocks do): the same function, `E / k` times the compute;
+    it is the numerical reference.
+
+    In training the router adds the Switch load-balancing loss
+    (`load_balance_weight`) and optionally the z-loss with `add_loss`.
+    Routing statistics of the last call are kept in non-trainable variables
+    (`expert_load`, `dropped_fraction`, `load_balance_loss`; read them with
+    `routing_stats()`), and `return_routing=True` returns the whole routing.
+
+    Args:
+        num_experts: `E`, number of experts.
+        hidden_dim: hidden width of each expert.
+        k: experts per token (`1` is Switch routing).
+        output_dim: output width; defaults to the input width.
+        capacity_factor: training capacity factor (> 0) or `None`.
+        eval_capacity_factor: inference capacity factor (> 0) or `None`.
+        dispatch: `"sparse"` or `"dense"`.
+        activation: expert activation.
+        gated: gated (GLU) experts; with `activation="silu"`, SwiGLU.
+        use_bias: biases in the experts.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer: passed to `Experts`.
+        noisy_gating: noisy top-k gating in training.
+        load_balance_weight: weight of the load-balancing loss.
+        z_loss_weight: weight of the router z-loss.
+        router_kernel_initializer: initializer of the router kernel
+            (default: Switch's truncated normal with 0.1 x LeCun scale).
+        seed: seed of the gating noise.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `(..., d)`, rank >= 2, e.g. `(B, d)` or `(B, T, d)`.
+        training: training mode (capacity factor, noise, aux losses).
+        return_routing: also return the routing dict (`expert_index`,
+            `combine_weights`, `probs`, `keep`, `position` per token, and
+            `capacity`, `expert_load`, `dropped_fraction`).
+
+    Returns:
+        `(..., output_dim)`, or `(outputs, routing)` with `return_routing`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> moe = SparseMoE(num_experts=8, hidden_dim=32, k=2)
+    >>> moe(np.random.rand(2, 10, 16).astype("float32")).shape
+    (2, 10, 16)
+
+    References:
+        Shazeer et al. Outrageously Large Neural Networks (2017).
+        Lepikhin et al. GShard (2020). Fedus, Zoph, Shazeer. Switch
+        Transformers (2021).
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        k=2,
+        output_dim=None,
+        capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        dispatch="sparse",
+        activation="gelu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        noisy_gating=False,
+        load_balance_weight=0.01,
+        z_loss_weight=0.0,
+        router_kernel_initializer=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.k = check.k_for_experts(k, self.num_experts)
+        self.output_dim = (
+            None if output_dim is None else check.positive_int("output_dim", output_dim)
+        )
+        self.capacity_factor = check.capacity_factor("capacity_factor", capacity_factor)
+        self.eval_capacity_factor = check.capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.dispatch = check.one_of("dispatch", dispatch, DISPATCH_MODES)
+        self.router = TopKRouter(
+            num_experts=self.num_experts,
+            k=self.k,
+            noisy_gating=noisy_gating,
+            load_balance_weight=load_balance_weight,
+            z_loss_weight=z_loss_weight,
+            kernel_initializer=router_kernel_initializer,
+            seed=seed,
+            name="router",
+        )
+        self.experts = Experts(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        self.seed = seed
+
+    def build(self, input_shape):
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        d = input_shape[-1]
+        self.router.build((None, d))
+        self.experts.build((self.num_experts, None, d))
+
+        def stat(name, shape):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+            )
+
+        self.expert_load = stat("expert_load", (self.num_experts,))
+        self.dropped_fraction = stat("dropped_fraction", ())
+        self.load_balance_loss = stat("load_balance_loss", ())
+
+    def _check_call_input(self, inputs):
+        shape = tuple(inputs.shape)
+        check.token_input_shape(type(self).__name__, shape)
+        expected = self.router.kernel.shape[0]
+        if shape[-1] != expected:
+            raise ValueError(
+                f"{self.name}: the last input dimension must be {expected}, "
+                f"as when the layer was built. Received: input shape {shape}"
+            )
+
+    def call(self, inputs, training=None, return_routing=False):
+        self._check_call_input(inputs)
+        shape = ops.shape(inputs)
+        d = shape[-1]
+        tokens = ops.reshape(inputs, (-1, d))
+        num_tokens = ops.shape(tokens)[0]
+        routing = self.router(tokens, training=training)
+        capacity_factor = (
+            self.capacity_factor if training else self.eval_capacity_factor
+        )
+        capacity = dispatch_ops.compute_capacity(
+            num_tokens, self.num_experts, self.k, capacity_factor
+        )
+        plan = dispatch_ops.make_dispatch_plan(
+            routing["expert_index"], self.num_experts, capacity
+        )
+        weights = routing["combine_weights"]
+        if self.dispatch == "sparse":
+            buffers = dispatch_ops.dispatch(tokens, plan)
+            outputs = dispatch_ops.combine(self.experts(buffers), plan, weights)
+        else:
+            everything = ops.broadcast_to(
+                tokens[None], (self.num_experts,) + tuple(ops.shape(tokens))
+            )
+            gates = dispatch_ops.dense_gates(plan, weights)
+            expert_outputs = self.experts(everything)
+            outputs = ops.einsum(
+                "ne,eno->no", ops.cast(gates, expert_outputs.dtype), expert_outputs
+            )
+        outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
+
+        routed, kept = dispatch_ops.expert_counts(plan)
+        total = ops.sum(routed)
+        expert_load = routed / total
+        dropped_fraction = 1.0 - ops.sum(kept) / total
+        self.expert_load.assign(ops.stop_gradient(expert_load))
+        self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
+        self.load_balance_loss.assign(
+            ops.stop_gradient(routing["load_balance_loss"])
+        )
+        if not return_routing:
+            return outputs
+        return outputs, {
+            "expert_index": plan["expert_index"],
+            "combine_weights": weights,
+            "probs": routing["probs"],
+            "keep": plan["keep"],
+            "position": plan["position"],
+            "capacity": capacity,
+            "expert_load": expert_load,
+            "dropped_fraction": dropped_fraction,
+        }
+
+    def routing_stats(self):
+        """The routing statistics of the last call, as NumPy values."""
+        return {
+            "expert_load": ops.convert_to_numpy(self.expert_load),
+            "dropped_fraction": float(ops.convert_to_numpy(self.dropped_fraction)),
+            "load_balance_loss": float(
+                ops.convert_to_numpy(self.load_balance_loss)
+            ),
+        }
+
+    def compute_output_shape(self, input_shape):
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        return input_shape[:-1] + (self.output_dim or input_shape[-1],)
+
+    def compute_output_spec(self, inputs, training=None, return_routing=False):
+        if return_routing:
+            # Trace `call` itself for the nested routing structure.
+            return super(keras.layers.Layer, self).compute_output_spec(
+                inputs, training=training, return_routing=True
+            )
+        return keras.KerasTensor(
+            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        experts = self.experts.get_config()
+        router = self.router.get_config()
+        config.update(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            k=self.k,
+            output_dim=self.output_dim,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            dispatch=self.dispatch,
+            activation=experts["activation"],
+            gated=experts["gated"],
+            use_bias=experts["use_bias"],
+            kernel_initializer=experts["kernel_initializer"],
+            bias_initializer=experts["bias_initializer"],
+            kernel_regularizer=experts["kernel_regularizer"],
+            bias_regularizer=experts["bias_regularizer"],
+            noisy_gating=router["noisy_gating"],
+            load_balance_weight=router["load_balance_weight"],
+            z_loss_weight=router["z_loss_weight"],
+            router_kernel_initializer=router["kernel_initializer"],
+            seed=self.seed,
+        )
+        return config

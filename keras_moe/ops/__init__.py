@@ -1,0 +1,26 @@
+"""Pure tensor functions: token dispatch/combine and routing losses."""
+
+from keras_moe.ops.balancing import load_balancing_loss, router_z_loss
+from keras_moe.ops.dispatching import (
+    DispatchPlan,
+    combine,
+    compute_capacity,
+    dense_gates,
+    dispatch,
+    expert_counts,
+    make_dispatch_plan,
+)
+from keras_moe.ops.selection import top_k
+
+__all__ = [
+    "DispatchPlan",
+    "combine",
+    "compute_capacity",
+    "dense_gates",
+    "dispatch",
+    "expert_counts",
+    "load_balancing_loss",
+    "make_dispatch_plan",
+    "router_z_loss",
+    "top_k",
+]

@@ -1,0 +1,188 @@
+"""Static-shape, capacity-based token dispatch and combine.
+
+These are pure functions on tensors built only from `keras.ops`, so they run on
+TensorFlow, JAX and PyTorch and compile under XLA (`jit_compile=True`): every
+shape depends only on the number of tokens `N`, the number of experts `E`, the
+number of choices per token `k` and the capacity `C`, never on the routing.
+
+The flow of one sparse MoE call::
+
+    plan = make_dispatch_plan(expert_index, num_experts, capacity)   # who goes where
+    buffers = dispatch(tokens, plan)           # (N, d)    -> (E, C, d)   a gather
+    outputs = experts(buffers)                 # (E, C, d) -> (E, C, o)
+    y = combine(outputs, plan, combine_weights)  # (E, C, o) -> (N, o)   a gather
+
+Priority when an expert is over capacity follows GShard / Switch: all first
+choices are placed before any second choice, and within one choice rank the
+earlier token wins. A dropped (token, expert) pair contributes zero; the
+token's other choices still count.
+"""
+
+from fractions import Fraction
+
+from keras import ops
+
+
+def compute_capacity(num_tokens, num_experts, k, capacity_factor):
+    """Expert capacity `C = min(N, ceil(k * N / E * capacity_factor))`.
+
+    The ratio `k * capacity_factor / E` is taken as an exact fraction `p / q`
+    (`capacity_factor` rounded to 1e-4), and `C = (N p + q - 1) // q` in
+    integer arithmetic, so the same formula serves a Python int, a dynamic
+    batch size tensor (TensorFlow graphs) and a symbolic dimension (JAX
+    shape-polymorphic export). For `N >= 1`, `C >= 1`.
+
+    Args:
+        num_tokens: `N`: a Python int, a scalar integer tensor or a symbolic
+            dimension.
+        num_experts: `E`, a Python int.
+        k: choices per token, a Python int.
+        capacity_factor: float > 0, or `None` for dropless routing (`C = N`:
+            no expert can receive more than every token once).
+
+    Returns:
+        The capacity, of the same kind as `num_tokens`.
+    """
+    if capacity_factor is None:
+        return num_tokens
+    ratio = Fraction(capacity_factor).limit_denominator(10_000) * Fraction(
+        k, num_experts
+    )
+    if ratio >= 1:
+        return num_tokens
+    p, q = ratio.numerator, ratio.denominator
+    if hasattr(num_tokens, "dtype"):  # a tensor: avoid int32 overflow
+        n = ops.cast(num_tokens, "int64")
+        return ops.cast((n * p + (q - 1)) // q, "int32")
+    return (num_tokens * p + (q - 1)) // q
+
+
+class DispatchPlan(dict):
+    """Where each (token, choice) pair goes. A `dict` with the keys:
+
+    - `expert_index` `(N, k)` int32: the chosen expert of each pair.
+    - `position` `(N, k)` int32: the pair's row in its expert's buffer
+      (may be `>= capacity`, then the pair is dropped).
+    - `keep` `(N, k)` bool: the pair fits in its expert's buffer.
+    - `slot` `(N, k)` int32: `expert * C + position` for kept pairs and the
+      trash slot `E * C` for dropped ones.
+    - `slot_token` `(E * C,)` int32: the token held by each buffer row, `N`
+      for an empty row.
+
+    plus the Python ints `num_experts` and `num_tokens`/`capacity` (or scalar
+    tensors when the token count is dynamic).
+    """
+
+    __getattr__ = dict.__getitem__
+
+
+def make_dispatch_plan(expert_index, num_experts, capacity):
+    """Assigns every (token, choice) pair a row in its expert's buffer.
+
+    Position of pair `(n, j)` routed to expert `e`: the number of pairs routed
+    to `e` before it in the order (choice `j` major, token `n` minor). It is
+    computed with a cumulative sum over a one-hot `(k N, E)` matrix.
+
+    Args:
+        expert_index: `(N, k)` integer tensor with values in `[0, E)`. Each row
+            must hold distinct experts (a token sits at most once in an expert).
+        num_experts: `E`.
+        capacity: `C`, from `compute_capacity`.
+
+    Returns:
+        A `DispatchPlan`.
+    """
+    expert_index = ops.cast(expert_index, "int32")
+    shape = ops.shape(expert_index)
+    num_tokens, k = shape[0], shape[1]
+    # Choice-major order: all first choices, then all second choices, ...
+    flat_index = ops.reshape(ops.transpose(expert_index), (-1,))
+    one_hot = ops.one_hot(flat_index, num_experts, dtype="int32")
+    position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
+    keep = position < capacity
+    trash = num_experts * capacity
+    flat_slot = ops.where(keep, flat_index * capacity + position, trash)
+
+    token_ids = ops.arange(num_tokens, dtype="int32")
+    flat_tokens = ops.reshape(
+        ops.broadcast_to(token_ids[None, :], (k, num_tokens)), (-1,)
+    )
+    # Inverse map: buffer row -> token. Dropped pairs all write the trash row
+    # E*C (in any order), which is cut off.
+    empty = ops.full((trash + 1,), num_tokens, dtype="int32")
+    slot_token = ops.scatter_update(empty, flat_slot[:, None], flat_tokens)
+    slot_token = slot_token[:trash]
+
+    def unflatten(t):
+        return ops.transpose(ops.reshape(t, (k, num_tokens)))
+
+    return DispatchPlan(
+        expert_index=expert_index,
+        position=unflatten(position),
+        keep=unflatten(keep),
+        slot=unflatten(flat_slot),
+        slot_token=slot_token,
+        num_experts=num_experts,
+        num_tokens=num_tokens,
+        capacity=capacity,
+    )
+
+
+def dispatch(tokens, plan):
+    """Gathers tokens into expert buffers.
+
+    Args:
+        tokens: `(N, d)`.
+        plan: the `DispatchPlan` of these tokens.
+
+    Returns:
+        `(E, C, d)`: row `c` of expert `e` holds the token placed there, or
+        zeros if the row is empty.
+    """
+    d = ops.shape(tokens)[-1]
+    padded = ops.concatenate([tokens, ops.zeros((1, d), tokens.dtype)], axis=0)
+    buffers = ops.take(padded, plan["slot_token"], axis=0)
+    return ops.reshape(buffers, (plan["num_experts"], plan["capacity"], d))
+
+
+def combine(expert_outputs, plan, combine_weights):
+    """Gathers expert outputs back to their tokens and mixes them.
+
+    `y[n] = sum_j keep[n, j] * w[n, j] * out[e_nj, pos_nj]`
+
+    Args:
+        expert_outputs: `(E, C, o)`.
+        plan: the `DispatchPlan` used to dispatch.
+        combine_weights: `(N, k)` router weights.
+
+    Returns:
+        `(N, o)`.
+    """
+    o = ops.shape(expert_outputs)[-1]
+    flat = ops.reshape(expert_outputs, (-1, o))
+    padded = ops.concatenate(
+        [flat, ops.zeros((1, o), expert_outputs.dtype)], axis=0
+    )
+    gathered = ops.take(padded, plan["slot"], axis=0)  # (N, k, o)
+    weights = ops.where(
+        plan["keep"], ops.cast(combine_weights, gathered.dtype), 0.0
+    )
+    return ops.einsum("nk,nko->no", weights, gathered)
+
+
+def dense_gates(plan, combine_weights):
+    """The `(N, E)` gate matrix of a plan: `w[n, j]` at `(n, e_nj)` if kept."""
+    weights = ops.where(plan["keep"], ops.cast(combine_weights, "float32"), 0.0)
+    one_hot = ops.one_hot(plan["expert_index"], plan["num_experts"])
+    return ops.einsum("nk,nke->ne", weights, one_hot)
+
+
+def expert_counts(plan):
+    """Tokens routed to each expert before (`routed`) and after (`kept`) the
+    capacity cut, both `(E,)` float32."""
+    one_hot = ops.one_hot(plan["expert_index"], plan["num_experts"])
+    routed = ops.sum(one_hot, axis=(0, 1))
+    kept = ops.sum(
+        one_hot * ops.cast(plan["keep"], one_hot.dtype)[..., None], axis=(0, 1)
+    )
+    return routed, kept

@@ -1,0 +1,101 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_moe.layers import Experts
+from keras_moe.testing import run_layer_test
+
+
+def numpy_experts(layer, x):
+    """Dense reference: a loop over experts with NumPy."""
+    weights = {
+        w.path.split("/")[-1]: keras.ops.convert_to_numpy(w) for w in layer.weights
+    }
+    act = lambda v: keras.ops.convert_to_numpy(layer.activation(v))  # noqa: E731
+    out = []
+    for e in range(layer.num_experts):
+        h = x[e] @ weights["kernel_in"][e]
+        if layer.use_bias:
+            h = h + weights["bias_in"][e]
+        if layer.gated:
+            g = x[e] @ weights["kernel_gate"][e]
+            if layer.use_bias:
+                g = g + weights["bias_gate"][e]
+            h = act(g) * h
+        else:
+            h = act(h)
+        y = h @ weights["kernel_out"][e]
+        if layer.use_bias:
+            y = y + weights["bias_out"][e]
+        out.append(y)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_layer_contract(gated):
+    x = np.random.default_rng(0).normal(size=(4, 6, 8)).astype("float32")
+    run_layer_test(
+        Experts,
+        dict(
+            num_experts=4,
+            hidden_dim=12,
+            output_dim=5,
+            activation="relu",
+            gated=gated,
+            use_bias=True,
+            kernel_initializer="he_normal",
+            bias_initializer="ones",
+            kernel_regularizer="l2",
+            bias_regularizer="l1",
+        ),
+        x,
+        expected_output_shape=(4, 6, 5),
+        expected_num_trainable_weights=6 if gated else 4,
+    )
+
+
+@pytest.mark.parametrize("gated,use_bias", [(False, True), (True, False), (True, True)])
+def test_matches_numpy_loop(gated, use_bias):
+    x = np.random.default_rng(1).normal(size=(3, 7, 5)).astype("float32")
+    layer = Experts(
+        3, 9, activation="silu", gated=gated, use_bias=use_bias, bias_initializer="random_normal"
+    )
+    y = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(y, numpy_experts(layer, x), atol=1e-5, rtol=1e-5)
+    assert y.shape == (3, 7, 5)
+
+
+def test_experts_differ_and_have_dense_layer_variance():
+    layer = Experts(16, 256)
+    layer.build((16, None, 64))
+    w = keras.ops.convert_to_numpy(layer.kernel_in)
+    # Glorot uniform for one (64 -> 256) expert: var = 2 / (64 + 256).
+    np.testing.assert_allclose(w.var(), 2 / (64 + 256), rtol=0.05)
+    assert not np.allclose(w[0], w[1])
+
+
+def test_regularizers_add_losses():
+    layer = Experts(2, 4, kernel_regularizer="l2")
+    layer(np.ones((2, 3, 5), "float32"))
+    assert len(layer.losses) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_experts=0, hidden_dim=4), "num_experts=0"),
+        (dict(num_experts=2, hidden_dim=-1), "hidden_dim=-1"),
+        (dict(num_experts=2.5, hidden_dim=4), "num_experts=2.5"),
+        (dict(num_experts=2, hidden_dim=4, output_dim=0), "output_dim=0"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Experts(**kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rank-3"):
+        Experts(2, 4)(np.ones((2, 5), "float32"))
+    with pytest.raises(ValueError, match="num_experts=2"):
+        Experts(2, 4)(np.ones((3, 5, 6), "float32"))

@@ -1,0 +1,162 @@
+"""Property tests of the dispatch invariants against a plain NumPy model."""
+
+import math
+from fractions import Fraction
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keras_moe import ops as moe_ops
+
+
+def numpy_plan(expert_index, num_experts, capacity):
+    """Reference: walk the pairs in priority order (choice, then token)."""
+    n, k = expert_index.shape
+    position = np.zeros((n, k), np.int64)
+    fill = np.zeros(num_experts, np.int64)
+    for j in range(k):
+        for t in range(n):
+            e = expert_index[t, j]
+            position[t, j] = fill[e]
+            fill[e] += 1
+    return position, position < capacity
+
+
+@st.composite
+def routings(draw):
+    num_experts = draw(st.integers(1, 9))
+    k = draw(st.integers(1, num_experts))
+    num_tokens = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    capacity_factor = draw(
+        st.one_of(st.none(), st.floats(0.05, 3.0, allow_nan=False))
+    )
+    rng = np.random.default_rng(seed)
+    # Skewed logits so that some experts overflow.
+    logits = rng.normal(size=(num_tokens, num_experts)) + rng.normal(
+        scale=2.0, size=num_experts
+    )
+    expert_index = np.argsort(-logits, axis=1)[:, :k].astype("int32")
+    weights = rng.uniform(0.05, 1.0, size=(num_tokens, k)).astype("float32")
+    return expert_index, weights, num_experts, capacity_factor, seed
+
+
+def run(expert_index, weights, num_experts, capacity_factor, seed):
+    n, k = expert_index.shape
+    capacity = moe_ops.compute_capacity(n, num_experts, k, capacity_factor)
+    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity)
+    return capacity, {
+        key: keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value
+        for key, value in plan.items()
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(routings())
+def test_plan_matches_reference_and_invariants(case):
+    expert_index, weights, num_experts, capacity_factor, seed = case
+    n, k = expert_index.shape
+    capacity, plan = run(*case)
+    if capacity_factor is None:
+        assert capacity == n
+    else:
+        cf = Fraction(capacity_factor).limit_denominator(10_000)
+        assert capacity == min(n, math.ceil(k * n * cf / num_experts))
+
+    position, keep = numpy_plan(expert_index, num_experts, capacity)
+    np.testing.assert_array_equal(plan["position"], position)
+    np.testing.assert_array_equal(plan["keep"], keep)
+
+    slot_token = plan["slot_token"].reshape(num_experts, capacity)
+    for e in range(num_experts):
+        held = slot_token[e][slot_token[e] < n]
+        # No buffer holds more than C tokens; no token sits twice in one expert.
+        assert len(held) <= capacity
+        assert len(set(held.tolist())) == len(held)
+        # Exactly the kept pairs of this expert, each at its position.
+        kept_pairs = [(t, j) for t in range(n) for j in range(k)
+                      if expert_index[t, j] == e and keep[t, j]]
+        assert sorted(held.tolist()) == sorted(t for t, _ in kept_pairs)
+        for t, j in kept_pairs:
+            assert slot_token[e, position[t, j]] == t
+        # Filled rows are a prefix: no holes before the last kept token.
+        assert np.all(slot_token[e][: len(held)] < n)
+    # Dropped pairs point at the trash slot.
+    assert np.all(plan["slot"][~keep] == num_experts * capacity)
+    assert np.all(plan["slot"][keep] == expert_index[keep] * capacity + position[keep])
+
+
+@settings(max_examples=40, deadline=None)
+@given(routings())
+def test_combine_uses_each_kept_pair_once_with_its_weight(case):
+    expert_index, weights, num_experts, capacity_factor, seed = case
+    n, k = expert_index.shape
+    capacity, plan_np = run(*case)
+    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity)
+    rng = np.random.default_rng(seed + 1)
+    d = 3
+    tokens = rng.normal(size=(n, d)).astype("float32")
+    scale = rng.uniform(0.5, 2.0, size=(num_experts, 1, d)).astype("float32")
+
+    buffers = keras.ops.convert_to_numpy(moe_ops.dispatch(tokens, plan))
+    assert buffers.shape == (num_experts, capacity, d)
+    # Empty rows are zeros.
+    empty = plan_np["slot_token"].reshape(num_experts, capacity) == n
+    assert np.all(buffers[empty] == 0)
+
+    outputs = moe_ops.combine(buffers * scale, plan, weights)
+    outputs = keras.ops.convert_to_numpy(outputs)
+    position, keep = numpy_plan(expert_index, num_experts, capacity)
+    expected = np.zeros((n, d), np.float32)
+    for t in range(n):
+        for j in range(k):
+            if keep[t, j]:  # dropped pairs contribute zero
+                expected[t] += weights[t, j] * scale[expert_index[t, j], 0] * tokens[t]
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+
+    gates = keras.ops.convert_to_numpy(moe_ops.dense_gates(plan, weights))
+    expected_gates = np.zeros((n, num_experts), np.float32)
+    for t in range(n):
+        for j in range(k):
+            if keep[t, j]:
+                expected_gates[t, expert_index[t, j]] += weights[t, j]
+    np.testing.assert_allclose(gates, expected_gates, rtol=1e-6, atol=1e-6)
+
+    routed, kept = (keras.ops.convert_to_numpy(c) for c in moe_ops.expert_counts(plan))
+    np.testing.assert_array_equal(routed, np.bincount(expert_index.ravel(), minlength=num_experts))
+    np.testing.assert_array_equal(kept, np.bincount(expert_index[keep], minlength=num_experts))
+
+
+def test_first_choices_have_priority_over_second_choices():
+    # Token 0 picks expert 0 second; tokens 1 and 2 pick it first. C = 2.
+    expert_index = np.array([[1, 0], [0, 1], [0, 1]], "int32")
+    plan = moe_ops.make_dispatch_plan(expert_index, 2, 2)
+    keep = keras.ops.convert_to_numpy(plan["keep"])
+    np.testing.assert_array_equal(keep, [[True, False], [True, True], [True, False]])
+
+
+@pytest.mark.parametrize(
+    "n,e,k,cf,expected", [(8, 4, 2, 1.0, 4), (8, 4, 2, 1.25, 5), (8, 4, 1, 0.01, 1),
+                          (8, 2, 2, 4.0, 8), (8, 4, 2, None, 8)]
+)
+def test_capacity(n, e, k, cf, expected):
+    assert moe_ops.compute_capacity(n, e, k, cf) == expected
+    tensor = moe_ops.compute_capacity(keras.ops.convert_to_tensor(n), e, k, cf)
+    assert int(keras.ops.convert_to_numpy(tensor)) == expected
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_top_k_matches_keras_top_k(k):
+    x = np.random.default_rng(k).normal(size=(3, 11, 5)).astype("float32")
+    values, indices = moe_ops.top_k(x, k)
+    expected_values, expected_indices = keras.ops.top_k(x, k)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(indices), keras.ops.convert_to_numpy(expected_indices)
+    )
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(expected_values)
+    )
+    assert keras.backend.standardize_dtype(indices.dtype) == "int32"
