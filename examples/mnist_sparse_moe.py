@@ -132,7 +132,7 @@ def main():
     table, stats = routing_by_class(model, x_test, y_test, args.experts)
     print("\nExpert load on the test set (share of routed token-choices):")
     print("  " + " ".join(f"{load:5.2f}" for load in stats["expert_load"]))
-    print(f"Dropped at evaluation capacity: {stats['dropped_fraction']:.2%}")
+    print(f"Dropped at inference: {stats['dropped_fraction']:.2%} (eval_capacity_factor=None: dropless)")
     print("\nRouting by digit (rows: digit, columns: expert, share in %):")
     print("digit " + " ".join(f"{e:>4d}" for e in range(args.experts)))
     for digit, row in enumerate(table):
