@@ -2,6 +2,8 @@
 
 import numbers
 
+import keras
+
 
 def positive_int(name, value):
     if (
@@ -13,6 +15,35 @@ def positive_int(name, value):
             f"{name} must be a positive integer. Received: {name}={value!r}"
         )
     return int(value)
+
+
+def non_negative_int(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < 0
+    ):
+        raise ValueError(
+            f"{name} must be an integer >= 0. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def router_layer(router, num_experts):
+    """A router: a Keras layer with `num_experts` and `k` (see
+    `keras_moe.layers.routers`)."""
+    if not isinstance(router, keras.layers.Layer) or not all(
+        hasattr(router, a) for a in ("num_experts", "k")
+    ):
+        raise ValueError(
+            "router must be a router layer (with `num_experts` and `k`), e.g. "
+            f"TopKRouter(num_experts=...). Received: router={router!r}"
+        )
+    if router.num_experts != num_experts:
+        raise ValueError(
+            "The router must have as many experts as the layer. Received: "
+            f"router.num_experts={router.num_experts}, num_experts={num_experts}"
+        )
 
 
 def non_negative_float(name, value):

@@ -42,7 +42,8 @@ class SparseMoE(keras.layers.Layer):
     Args:
         num_experts: `E`, number of experts.
         hidden_dim: hidden width of each expert.
-        k: experts per token (`1` is Switch routing).
+        k: experts per token (`1` is Switch routing); default 2, or the
+            router's `k` when `router` is given.
         output_dim: output width; defaults to the input width.
         capacity_factor: training capacity factor (> 0) or `None`.
         eval_capacity_factor: inference capacity factor (> 0) or `None`.
@@ -52,9 +53,16 @@ class SparseMoE(keras.layers.Layer):
         use_bias: biases in the experts.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer: passed to `Experts`.
-        noisy_gating: noisy top-k gating in training.
-        load_balance_weight: weight of the load-balancing loss.
-        z_loss_weight: weight of the router z-loss.
+        num_shared_experts: experts that every token uses, added to the
+            routed mixture (DeepSeekMoE, Dai et al. 2024); default 0.
+        router: a router layer (see `keras_moe.layers.routers`), e.g.
+            `TopKRouter(num_experts, k=1, batch_prioritized=True)`. Default:
+            a `TopKRouter` built from `k` and the options below, which are
+            only for that default router (pass them to your router instead).
+        noisy_gating: noisy top-k gating in training (default False).
+        load_balance_weight: weight of the load-balancing loss (default
+            0.01).
+        z_loss_weight: weight of the router z-loss (default 0).
         router_kernel_initializer: initializer of the router kernel
             (default: Switch's truncated normal with 0.1 x LeCun scale).
         seed: seed of the gating noise.
@@ -66,6 +74,9 @@ class SparseMoE(keras.layers.Layer):
         return_routing: also return the routing dict (`expert_index`,
             `combine_weights`, `probs`, `keep`, `position` per token, and
             `capacity`, `expert_load`, `dropped_fraction`).
+        routing_inputs: extra routing input for routers that need one
+            (token ids for `HashRouter`, task ids for `TaskRouter`): one id
+            per token (`inputs.shape[:-1]`) or per example (`(B,)`).
 
     Returns:
         `(..., output_dim)`, or `(outputs, routing)` with `return_routing`.
@@ -87,7 +98,7 @@ class SparseMoE(keras.layers.Layer):
         self,
         num_experts,
         hidden_dim,
-        k=2,
+        k=None,
         output_dim=None,
         capacity_factor=1.25,
         eval_capacity_factor=2.0,
@@ -99,9 +110,11 @@ class SparseMoE(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
-        noisy_gating=False,
-        load_balance_weight=0.01,
-        z_loss_weight=0.0,
+        num_shared_experts=0,
+        router=None,
+        noisy_gating=None,
+        load_balance_weight=None,
+        z_loss_weight=None,
         router_kernel_initializer=None,
         seed=None,
         **kwargs,
@@ -109,7 +122,6 @@ class SparseMoE(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
-        self.k = check.k_for_experts(k, self.num_experts)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
@@ -118,18 +130,45 @@ class SparseMoE(keras.layers.Layer):
             "eval_capacity_factor", eval_capacity_factor
         )
         self.dispatch = check.one_of("dispatch", dispatch, DISPATCH_MODES)
-        self.router = TopKRouter(
-            num_experts=self.num_experts,
-            k=self.k,
+        self.num_shared_experts = check.non_negative_int(
+            "num_shared_experts", num_shared_experts
+        )
+        self.seed = seed
+        router_args = dict(
             noisy_gating=noisy_gating,
             load_balance_weight=load_balance_weight,
             z_loss_weight=z_loss_weight,
             kernel_initializer=router_kernel_initializer,
-            seed=seed,
-            name="router",
         )
-        self.experts = Experts(
-            num_experts=self.num_experts,
+        if isinstance(router, dict):
+            router = keras.saving.deserialize_keras_object(router)
+        self.custom_router = router is not None
+        if router is None:
+            self.k = check.k_for_experts(2 if k is None else k, self.num_experts)
+            router = TopKRouter(
+                num_experts=self.num_experts,
+                k=self.k,
+                seed=seed,
+                name="router",
+                **{n: v for n, v in router_args.items() if v is not None},
+            )
+        else:
+            check.router_layer(router, self.num_experts)
+            given = sorted(n for n, v in router_args.items() if v is not None)
+            if given:
+                raise ValueError(
+                    "Router options go to the router itself when `router` is "
+                    f"given. Received: router={type(router).__name__}, and "
+                    + ", ".join(f"{n}={router_args[n]!r}" for n in given)
+                )
+            if k is not None and k != router.k:
+                raise ValueError(
+                    f"k must match the router's k. Received: k={k}, "
+                    f"router.k={router.k}"
+                )
+            self.k = router.k
+        self.router = router
+        expert_args = dict(
             hidden_dim=self.hidden_dim,
             output_dim=self.output_dim,
             activation=activation,
@@ -140,15 +179,27 @@ class SparseMoE(keras.layers.Layer):
             kernel_regularizer=kernel_regularizer,
             bias_regularizer=bias_regularizer,
             dtype=self.dtype_policy,
-            name="experts",
         )
-        self.seed = seed
+        self.experts = Experts(
+            num_experts=self.num_experts, name="experts", **expert_args
+        )
+        self.shared_experts = (
+            Experts(
+                num_experts=self.num_shared_experts,
+                name="shared_experts",
+                **expert_args,
+            )
+            if self.num_shared_experts
+            else None
+        )
 
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         d = input_shape[-1]
         self.router.build((None, d))
         self.experts.build((self.num_experts, None, d))
+        if self.shared_experts is not None:
+            self.shared_experts.build((self.num_shared_experts, None, d))
 
         def stat(name, shape):
             return self.add_weight(
@@ -166,29 +217,70 @@ class SparseMoE(keras.layers.Layer):
     def _check_call_input(self, inputs):
         shape = tuple(inputs.shape)
         check.token_input_shape(type(self).__name__, shape)
-        expected = self.router.kernel.shape[0]
+        expected = self.experts.kernel_in.shape[1]
         if shape[-1] != expected:
             raise ValueError(
                 f"{self.name}: the last input dimension must be {expected}, "
                 f"as when the layer was built. Received: input shape {shape}"
             )
 
-    def call(self, inputs, training=None, return_routing=False):
-        self._check_call_input(inputs)
-        shape = ops.shape(inputs)
-        d = shape[-1]
-        tokens = ops.reshape(inputs, (-1, d))
-        num_tokens = ops.shape(tokens)[0]
-        routing = self.router(tokens, training=training)
+    def _route(self, tokens, num_tokens, training, routing_inputs):
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
         )
         capacity = dispatch_ops.compute_capacity(
             num_tokens, self.num_experts, self.k, capacity_factor
         )
-        plan = dispatch_ops.make_dispatch_plan(
-            routing["expert_index"], self.num_experts, capacity
+        kwargs = {"training": training}
+        if routing_inputs is not None:
+            kwargs["routing_inputs"] = routing_inputs
+        if getattr(self.router, "assigns_positions", False):
+            kwargs["capacity"] = capacity
+        routing = self.router(tokens, **kwargs)
+        if "position" in routing:
+            plan = dispatch_ops.plan_from_positions(
+                routing["expert_index"],
+                routing["position"],
+                self.num_experts,
+                capacity,
+                keep=routing.get("keep"),
+            )
+        else:
+            plan = dispatch_ops.make_dispatch_plan(
+                routing["expert_index"],
+                self.num_experts,
+                capacity,
+                priority=routing.get("priority"),
+            )
+        return routing, plan
+
+    def _routing_inputs_per_token(self, routing_inputs, shape):
+        """Broadcasts `(B,)` or `(...)` ids to one id per token, `(N,)`."""
+        routing_inputs = ops.convert_to_tensor(routing_inputs)
+        lead = tuple(shape[:-1])
+        rank = len(routing_inputs.shape)
+        if rank > len(lead):
+            raise ValueError(
+                f"{self.name}: routing_inputs must have the leading shape of "
+                "the inputs (one id per example or per token). Received: "
+                f"routing_inputs shape {tuple(routing_inputs.shape)}, inputs "
+                f"shape {tuple(shape)}"
+            )
+        expanded = ops.reshape(
+            routing_inputs,
+            tuple(ops.shape(routing_inputs)) + (1,) * (len(lead) - rank),
         )
+        return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
+
+    def call(self, inputs, training=None, return_routing=False, routing_inputs=None):
+        self._check_call_input(inputs)
+        shape = ops.shape(inputs)
+        d = shape[-1]
+        tokens = ops.reshape(inputs, (-1, d))
+        num_tokens = ops.shape(tokens)[0]
+        if routing_inputs is not None:
+            routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
+        routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
         weights = routing["combine_weights"]
         if self.dispatch == "sparse":
             buffers = dispatch_ops.dispatch(tokens, plan)
@@ -202,17 +294,21 @@ class SparseMoE(keras.layers.Layer):
             outputs = ops.einsum(
                 "ne,eno->no", ops.cast(gates, expert_outputs.dtype), expert_outputs
             )
+        if self.shared_experts is not None:
+            shared_in = ops.broadcast_to(
+                tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
+            )
+            outputs = outputs + ops.sum(self.shared_experts(shared_in), axis=0)
         outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
 
         routed, kept = dispatch_ops.expert_counts(plan)
         total = ops.sum(routed)
-        expert_load = routed / total
-        dropped_fraction = 1.0 - ops.sum(kept) / total
+        expert_load = routed / ops.maximum(total, 1.0)
+        dropped_fraction = 1.0 - ops.sum(kept) / ops.maximum(total, 1.0)
+        balance = routing.get("load_balance_loss", ops.zeros(()))
         self.expert_load.assign(ops.stop_gradient(expert_load))
         self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
-        self.load_balance_loss.assign(
-            ops.stop_gradient(routing["load_balance_loss"])
-        )
+        self.load_balance_loss.assign(ops.stop_gradient(ops.cast(balance, "float32")))
         if not return_routing:
             return outputs
         return outputs, {
@@ -221,7 +317,7 @@ class SparseMoE(keras.layers.Layer):
             "probs": routing["probs"],
             "keep": plan["keep"],
             "position": plan["position"],
-            "capacity": capacity,
+            "capacity": plan["capacity"],
             "expert_load": expert_load,
             "dropped_fraction": dropped_fraction,
         }
@@ -240,11 +336,16 @@ class SparseMoE(keras.layers.Layer):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         return input_shape[:-1] + (self.output_dim or input_shape[-1],)
 
-    def compute_output_spec(self, inputs, training=None, return_routing=False):
+    def compute_output_spec(
+        self, inputs, training=None, return_routing=False, routing_inputs=None
+    ):
         if return_routing:
             # Trace `call` itself for the nested routing structure.
             return super(keras.layers.Layer, self).compute_output_spec(
-                inputs, training=training, return_routing=True
+                inputs,
+                training=training,
+                return_routing=True,
+                routing_inputs=routing_inputs,
             )
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
@@ -253,7 +354,6 @@ class SparseMoE(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         experts = self.experts.get_config()
-        router = self.router.get_config()
         config.update(
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
@@ -269,10 +369,17 @@ class SparseMoE(keras.layers.Layer):
             bias_initializer=experts["bias_initializer"],
             kernel_regularizer=experts["kernel_regularizer"],
             bias_regularizer=experts["bias_regularizer"],
-            noisy_gating=router["noisy_gating"],
-            load_balance_weight=router["load_balance_weight"],
-            z_loss_weight=router["z_loss_weight"],
-            router_kernel_initializer=router["kernel_initializer"],
+            num_shared_experts=self.num_shared_experts,
             seed=self.seed,
         )
+        if self.custom_router:
+            config["router"] = keras.saving.serialize_keras_object(self.router)
+        else:
+            router = self.router.get_config()
+            config.update(
+                noisy_gating=router["noisy_gating"],
+                load_balance_weight=router["load_balance_weight"],
+                z_loss_weight=router["z_loss_weight"],
+                router_kernel_initializer=router["kernel_initializer"],
+            )
         return config

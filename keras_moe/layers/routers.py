@@ -1,3 +1,26 @@
+"""Routers: who sends which token to which expert.
+
+The router contract (what `SparseMoE(router=...)` accepts) is small, so that
+token-choice, expert-choice, hashing, balanced-assignment or task routers all
+plug into the same dispatch:
+
+- A Keras layer with the attributes `num_experts` (`E`) and `k` (choices per
+  token; for routers that choose their own assignment, the average number
+  of experts per token used to size the capacity).
+- `call(tokens, training=None)` on `(N, d)` tokens, plus a
+  `routing_inputs=` argument for routers that route on ids (one per token),
+  plus a `capacity=` argument if the class attribute `assigns_positions` is
+  `True`.
+- It returns a dict with at least `expert_index` `(N, k')` int32,
+  `combine_weights` `(N, k')` and `probs` `(N, E)` (the router's
+  distribution, used for statistics); optionally `priority` `(N,)` (tokens
+  with higher priority are placed first when an expert overflows),
+  `position` and `keep` `(N, k')` (the router placed the pairs itself; then
+  `keep` marks the pairs it selected), and unweighted losses such as
+  `load_balance_loss` and `z_loss`.
+- It adds its weighted auxiliary losses itself with `add_loss` in training.
+"""
+
 import keras
 from keras import ops
 

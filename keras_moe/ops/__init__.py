@@ -9,6 +9,7 @@ from keras_moe.ops.dispatching import (
     dispatch,
     expert_counts,
     make_dispatch_plan,
+    plan_from_positions,
 )
 from keras_moe.ops.selection import top_k
 
@@ -21,6 +22,7 @@ __all__ = [
     "expert_counts",
     "load_balancing_loss",
     "make_dispatch_plan",
+    "plan_from_positions",
     "router_z_loss",
     "top_k",
 ]

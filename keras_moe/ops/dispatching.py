@@ -76,51 +76,92 @@ class DispatchPlan(dict):
     __getattr__ = dict.__getitem__
 
 
-def make_dispatch_plan(expert_index, num_experts, capacity):
+def _arrival_positions(expert_index, num_experts):
+    """Position of each pair among the pairs routed to the same expert, in
+    the order (choice major, token minor): a cumulative sum over a one-hot
+    `(k N, E)` matrix."""
+    flat_index = ops.reshape(ops.transpose(expert_index), (-1,))
+    one_hot = ops.one_hot(flat_index, num_experts, dtype="int32")
+    position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
+    shape = ops.shape(expert_index)
+    return ops.transpose(ops.reshape(position, (shape[1], shape[0])))
+
+
+def make_dispatch_plan(expert_index, num_experts, capacity, priority=None):
     """Assigns every (token, choice) pair a row in its expert's buffer.
 
     Position of pair `(n, j)` routed to expert `e`: the number of pairs routed
-    to `e` before it in the order (choice `j` major, token `n` minor). It is
-    computed with a cumulative sum over a one-hot `(k N, E)` matrix.
+    to `e` before it in the order (choice `j` major, token `n` minor). With a
+    `priority`, tokens are taken in decreasing priority instead of their
+    order (batch-prioritized routing, Riquelme et al. 2021): when an expert
+    overflows, its least confident tokens are the ones dropped.
 
     Args:
         expert_index: `(N, k)` integer tensor with values in `[0, E)`. Each row
             must hold distinct experts (a token sits at most once in an expert).
         num_experts: `E`.
         capacity: `C`, from `compute_capacity`.
+        priority: optional `(N,)` float scores; higher goes first.
 
     Returns:
         A `DispatchPlan`.
     """
     expert_index = ops.cast(expert_index, "int32")
+    if priority is None:
+        position = _arrival_positions(expert_index, num_experts)
+    else:
+        num_tokens = ops.shape(expert_index)[0]
+        priority = ops.stop_gradient(ops.convert_to_tensor(priority))
+        order = ops.cast(ops.argsort(-priority), "int32")
+        sorted_position = _arrival_positions(
+            ops.take(expert_index, order, axis=0), num_experts
+        )
+        # Undo the sort: row order[i] of the result is row i of the sorted.
+        position = ops.scatter_update(
+            ops.zeros_like(expert_index), order[:, None], sorted_position
+        )
+    return plan_from_positions(expert_index, position, num_experts, capacity)
+
+
+def plan_from_positions(expert_index, position, num_experts, capacity, keep=None):
+    """A `DispatchPlan` from positions a router chose itself.
+
+    For routers that assign buffer rows on their own (expert choice, balanced
+    assignment). A pair is kept if `keep` (default: all) and
+    `position < capacity`; kept pairs of one expert must have distinct
+    positions.
+
+    Args:
+        expert_index: `(N, k)` int experts.
+        position: `(N, k)` int rows in the experts' buffers.
+        num_experts: `E`.
+        capacity: `C`.
+        keep: optional `(N, k)` bool mask.
+    """
+    expert_index = ops.cast(expert_index, "int32")
+    position = ops.cast(position, "int32")
     shape = ops.shape(expert_index)
     num_tokens, k = shape[0], shape[1]
-    # Choice-major order: all first choices, then all second choices, ...
-    flat_index = ops.reshape(ops.transpose(expert_index), (-1,))
-    one_hot = ops.one_hot(flat_index, num_experts, dtype="int32")
-    position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
-    keep = position < capacity
+    fits = position < capacity
+    keep = fits if keep is None else ops.logical_and(keep, fits)
     trash = num_experts * capacity
-    flat_slot = ops.where(keep, flat_index * capacity + position, trash)
+    slot = ops.where(keep, expert_index * capacity + position, trash)
 
     token_ids = ops.arange(num_tokens, dtype="int32")
-    flat_tokens = ops.reshape(
-        ops.broadcast_to(token_ids[None, :], (k, num_tokens)), (-1,)
-    )
+    tokens = ops.broadcast_to(token_ids[:, None], (num_tokens, k))
     # Inverse map: buffer row -> token. Dropped pairs all write the trash row
     # E*C (in any order), which is cut off.
     empty = ops.full((trash + 1,), num_tokens, dtype="int32")
-    slot_token = ops.scatter_update(empty, flat_slot[:, None], flat_tokens)
+    slot_token = ops.scatter_update(
+        empty, ops.reshape(slot, (-1, 1)), ops.reshape(tokens, (-1,))
+    )
     slot_token = slot_token[:trash]
-
-    def unflatten(t):
-        return ops.transpose(ops.reshape(t, (k, num_tokens)))
 
     return DispatchPlan(
         expert_index=expert_index,
-        position=unflatten(position),
-        keep=unflatten(keep),
-        slot=unflatten(flat_slot),
+        position=position,
+        keep=keep,
+        slot=slot,
         slot_token=slot_token,
         num_experts=num_experts,
         num_tokens=num_tokens,

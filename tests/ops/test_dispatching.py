@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 from keras_moe import ops as moe_ops
 
 
-def numpy_plan(expert_index, num_experts, capacity):
-    """Reference: walk the pairs in priority order (choice, then token)."""
+def numpy_plan(expert_index, num_experts, capacity, priority=None):
+    """Reference: walk the pairs in priority order (choice, then token, the
+    tokens by decreasing priority if given)."""
     n, k = expert_index.shape
     position = np.zeros((n, k), np.int64)
     fill = np.zeros(num_experts, np.int64)
+    token_order = range(n) if priority is None else np.argsort(-priority, kind="stable")
     for j in range(k):
-        for t in range(n):
+        for t in token_order:
             e = expert_index[t, j]
             position[t, j] = fill[e]
             fill[e] += 1
@@ -41,13 +43,17 @@ def routings(draw):
     )
     expert_index = np.argsort(-logits, axis=1)[:, :k].astype("int32")
     weights = rng.uniform(0.05, 1.0, size=(num_tokens, k)).astype("float32")
-    return expert_index, weights, num_experts, capacity_factor, seed
+    # Distinct priorities (batch-prioritized routing) or none (token order).
+    priority = (
+        rng.permutation(num_tokens).astype("float32") if draw(st.booleans()) else None
+    )
+    return expert_index, weights, num_experts, capacity_factor, seed, priority
 
 
-def run(expert_index, weights, num_experts, capacity_factor, seed):
+def run(expert_index, weights, num_experts, capacity_factor, seed, priority):
     n, k = expert_index.shape
     capacity = moe_ops.compute_capacity(n, num_experts, k, capacity_factor)
-    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity)
+    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity, priority)
     return capacity, {
         key: keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value
         for key, value in plan.items()
@@ -57,7 +63,7 @@ def run(expert_index, weights, num_experts, capacity_factor, seed):
 @settings(max_examples=40, deadline=None)
 @given(routings())
 def test_plan_matches_reference_and_invariants(case):
-    expert_index, weights, num_experts, capacity_factor, seed = case
+    expert_index, weights, num_experts, capacity_factor, seed, priority = case
     n, k = expert_index.shape
     capacity, plan = run(*case)
     if capacity_factor is None:
@@ -66,7 +72,7 @@ def test_plan_matches_reference_and_invariants(case):
         cf = Fraction(capacity_factor).limit_denominator(10_000)
         assert capacity == min(n, math.ceil(k * n * cf / num_experts))
 
-    position, keep = numpy_plan(expert_index, num_experts, capacity)
+    position, keep = numpy_plan(expert_index, num_experts, capacity, priority)
     np.testing.assert_array_equal(plan["position"], position)
     np.testing.assert_array_equal(plan["keep"], keep)
 
@@ -92,10 +98,10 @@ def test_plan_matches_reference_and_invariants(case):
 @settings(max_examples=40, deadline=None)
 @given(routings())
 def test_combine_uses_each_kept_pair_once_with_its_weight(case):
-    expert_index, weights, num_experts, capacity_factor, seed = case
+    expert_index, weights, num_experts, capacity_factor, seed, priority = case
     n, k = expert_index.shape
     capacity, plan_np = run(*case)
-    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity)
+    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity, priority)
     rng = np.random.default_rng(seed + 1)
     d = 3
     tokens = rng.normal(size=(n, d)).astype("float32")
@@ -109,7 +115,7 @@ def test_combine_uses_each_kept_pair_once_with_its_weight(case):
 
     outputs = moe_ops.combine(buffers * scale, plan, weights)
     outputs = keras.ops.convert_to_numpy(outputs)
-    position, keep = numpy_plan(expert_index, num_experts, capacity)
+    position, keep = numpy_plan(expert_index, num_experts, capacity, priority)
     expected = np.zeros((n, d), np.float32)
     for t in range(n):
         for j in range(k):
