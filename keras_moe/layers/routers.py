@@ -35,35 +35,62 @@ def default_router_initializer():
     )
 
 
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class TopKRouter(keras.layers.Layer):
-    """Token-choice top-k router (noisy top-k gating; `k=1` is Switch).
+    """Token-choice top-k router: noisy top-k, Switch, V-MoE and DeepSeek-V3
+    routing and every balancing method for them, behind one layer.
 
-    For a token `x` with router logits `l = x W_r` (plus, in training with
-    `noisy_gating=True`, the learned noise `eps * softplus(x W_noise)`,
-    `eps ~ N(0, 1)`):
+    For a token `x` with router logits `l = x W_r (+ b)` (plus, in training
+    with `noisy_gating=True`, the learned noise `eps * softplus(x W_noise)`,
+    `eps ~ N(0, 1)`), the scores are `s = softmax(l)` (default) or
+    `s = sigmoid(l)` (`score_function="sigmoid"`, DeepSeek-V3). Then
 
-    `p = softmax(l)`, `I = top_k(p)`, `w_j = p_{I_j} / sum_{i in I} p_i`
+    `I = top_k(s + beta)`, `w_j = s_{I_j} / sum_{i in I} s_i`
 
-    The renormalisation applies only for `k > 1`; with `k = 1` the weight is
-    the raw probability `p_{I_1}` (as in Switch) so that the task loss still
-    trains the router. The router runs in float32 whatever the global dtype
-    policy (pass `dtype=` to override), since a softmax over bfloat16 logits
-    routes badly.
+    where `beta` is the per-expert selection bias of auxiliary-loss-free
+    balancing (zero unless `bias_update_rate > 0`; it changes which experts
+    are picked, never the weights). The renormalisation applies for `k > 1`
+    (and always for sigmoid scores); with softmax and `k = 1` the weight is
+    the raw probability (Switch), so the task loss still trains the router.
+    The router runs in float32 whatever the global dtype policy (pass
+    `dtype=` to override), since a softmax over bfloat16 logits routes badly.
 
-    In training it adds `load_balance_weight * L_balance` (Switch, see
-    `keras_moe.ops.load_balancing_loss`) and `z_loss_weight * L_z` (ST-MoE)
-    with `add_loss`. Both values are also returned.
+    Balancing, all combinable, each computed on every call and returned
+    unweighted; in training, `weight * loss` is added with `add_loss`:
+
+    - `load_balance_weight`: Switch/GShard loss `E sum_e f_e P_e`, with `P`
+      the router distribution before top-k (`keras_moe.ops.
+      load_balancing_loss`).
+    - `importance_weight`: Shazeer's `CV(importance)^2`, importance = the
+      sum over tokens of the gate weights.
+    - `load_weight`: Shazeer's `CV(load)^2` with the smooth load estimator
+      of noisy top-k (needs `noisy_gating=True`).
+    - `z_loss_weight`: ST-MoE router z-loss.
+    - `bias_update_rate` (`gamma`): auxiliary-loss-free balancing. After
+      each training call, `beta_e += gamma * sign(mean load - load_e)`: a
+      non-trainable state outside the optimizer that saves and loads.
+
+    `batch_prioritized=True` (V-MoE): when an expert overflows its capacity,
+    the tokens with the highest top-1 score keep their place, not the
+    earliest ones.
 
     Args:
         num_experts: `E`.
         k: experts per token, `1 <= k <= E`.
+        score_function: `"softmax"` or `"sigmoid"`.
         noisy_gating: add trainable, input-dependent Gaussian noise to the
             logits in training (Shazeer et al. 2017).
         renormalize: renormalise the top-k weights to sum to 1 (`k > 1`).
-        use_bias: add a bias to the router logits.
+        batch_prioritized: order the tokens by top-1 score for capacity.
+        use_bias: add a (trainable) bias to the router logits.
         load_balance_weight: weight of the Switch load-balancing loss.
+        importance_weight: weight of the importance CV^2 loss.
+        load_weight: weight of the (noisy) load CV^2 loss.
         z_loss_weight: weight of the router z-loss.
+        bias_update_rate: step of the aux-loss-free selection bias (0: off).
         kernel_initializer: router kernel initializer (default: truncated
             normal with 0.1 x LeCun variance, as in Switch).
         kernel_regularizer: router kernel regularizer.
@@ -72,12 +99,15 @@ class TopKRouter(keras.layers.Layer):
 
     Call arguments:
         inputs: `(..., d)` tokens.
-        training: whether to add noise and losses.
+        training: whether to add noise, losses and bias updates.
 
     Returns:
         A dict with `expert_index` `(..., k)` int32, `combine_weights`
-        `(..., k)`, `probs` `(..., E)`, `logits` `(..., E)` and the scalar
-        unweighted losses `load_balance_loss` and `z_loss`.
+        `(..., k)`, `probs` `(..., E)` (the scores normalised to sum to 1),
+        `logits` `(..., E)`, `priority` `(...)` (top-1 score, only with
+        `batch_prioritized`) and the scalar unweighted losses
+        `load_balance_loss`, `importance_loss`, `z_loss` and, with noisy
+        gating, `load_loss`.
 
     Example:
 
@@ -90,19 +120,27 @@ class TopKRouter(keras.layers.Layer):
     References:
         Shazeer et al. Outrageously Large Neural Networks: The
         Sparsely-Gated Mixture-of-Experts Layer (2017).
-        Fedus, Zoph, Shazeer. Switch Transformers (2021).
-        Zoph et al. ST-MoE (2022).
+        Lepikhin et al. GShard (2020). Fedus, Zoph, Shazeer. Switch
+        Transformers (2021). Riquelme et al. Scaling Vision with Sparse
+        Mixture of Experts (V-MoE, 2021). Zoph et al. ST-MoE (2022).
+        Wang et al. Auxiliary-Loss-Free Load Balancing Strategy for
+        Mixture-of-Experts (2024); DeepSeek-AI, DeepSeek-V3 (2024).
     """
 
     def __init__(
         self,
         num_experts,
         k=2,
+        score_function="softmax",
         noisy_gating=False,
         renormalize=True,
+        batch_prioritized=False,
         use_bias=False,
         load_balance_weight=0.01,
+        importance_weight=0.0,
+        load_weight=0.0,
         z_loss_weight=0.0,
+        bias_update_rate=0.0,
         kernel_initializer=None,
         kernel_regularizer=None,
         seed=None,
@@ -112,15 +150,27 @@ class TopKRouter(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = check.k_for_experts(k, self.num_experts)
+        self.score_function = check.one_of(
+            "score_function", score_function, SCORE_FUNCTIONS
+        )
         self.noisy_gating = bool(noisy_gating)
         self.renormalize = bool(renormalize)
+        self.batch_prioritized = bool(batch_prioritized)
         self.use_bias = bool(use_bias)
-        self.load_balance_weight = check.non_negative_float(
-            "load_balance_weight", load_balance_weight
-        )
-        self.z_loss_weight = check.non_negative_float(
-            "z_loss_weight", z_loss_weight
-        )
+        for name, value in (
+            ("load_balance_weight", load_balance_weight),
+            ("importance_weight", importance_weight),
+            ("load_weight", load_weight),
+            ("z_loss_weight", z_loss_weight),
+            ("bias_update_rate", bias_update_rate),
+        ):
+            setattr(self, name, check.non_negative_float(name, value))
+        if self.load_weight and not self.noisy_gating:
+            raise ValueError(
+                "The load loss estimates load from the gating noise and needs "
+                f"noisy_gating=True. Received: load_weight={load_weight}, "
+                "noisy_gating=False"
+            )
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer or default_router_initializer()
         )
@@ -131,79 +181,136 @@ class TopKRouter(keras.layers.Layer):
 
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        d = input_shape[-1]
+        d, e = input_shape[-1], self.num_experts
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(d, self.num_experts),
+            shape=(d, e),
             initializer=self.kernel_initializer,
             regularizer=self.kernel_regularizer,
         )
         self.bias = (
-            self.add_weight(name="bias", shape=(self.num_experts,), initializer="zeros")
+            self.add_weight(name="bias", shape=(e,), initializer="zeros")
             if self.use_bias
             else None
         )
         # Shazeer et al. initialise the noise projection to zero.
         self.noise_kernel = (
-            self.add_weight(
-                name="noise_kernel", shape=(d, self.num_experts), initializer="zeros"
-            )
+            self.add_weight(name="noise_kernel", shape=(d, e), initializer="zeros")
             if self.noisy_gating
+            else None
+        )
+        self.selection_bias = (
+            self.add_weight(
+                name="selection_bias",
+                shape=(e,),
+                initializer="zeros",
+                trainable=False,
+            )
+            if self.bias_update_rate
             else None
         )
 
     def compute_logits(self, inputs, training=False):
+        """Returns `(clean logits, noisy logits or None, noise std or None)`."""
         x = ops.cast(inputs, self.compute_dtype)
         logits = ops.matmul(x, self.kernel)
         if self.use_bias:
             logits = logits + self.bias
-        if self.noisy_gating and training:
-            noise_std = ops.softplus(ops.matmul(x, self.noise_kernel))
-            noise = keras.random.normal(
-                ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
-            )
-            logits = logits + noise * noise_std
-        return logits
+        if not (self.noisy_gating and training):
+            return logits, None, None
+        noise_std = ops.softplus(ops.matmul(x, self.noise_kernel)) + 1e-6
+        noise = keras.random.normal(
+            ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
+        )
+        return logits, logits + noise * noise_std, noise_std
 
     def call(self, inputs, training=None):
-        logits = self.compute_logits(inputs, training=training)
-        probs = ops.softmax(logits, axis=-1)
-        top_probs, expert_index = selection.top_k(probs, self.k)
-        if self.renormalize and self.k > 1:
-            top_probs = top_probs / ops.sum(top_probs, axis=-1, keepdims=True)
-        flat_probs = ops.reshape(probs, (-1, self.num_experts))
-        balance = balancing.load_balancing_loss(
-            flat_probs, ops.reshape(expert_index, (-1, self.k)), self.num_experts
+        clean, noisy, noise_std = self.compute_logits(inputs, training=training)
+        logits = clean if noisy is None else noisy
+        if self.score_function == "softmax":
+            scores = ops.softmax(logits, axis=-1)
+            probs = scores
+        else:
+            scores = ops.sigmoid(logits)
+            probs = scores / ops.sum(scores, axis=-1, keepdims=True)
+        if self.selection_bias is not None:
+            _, expert_index = selection.top_k(
+                ops.stop_gradient(scores) + self.selection_bias, self.k
+            )
+            top = ops.take_along_axis(scores, expert_index, axis=-1)
+        else:
+            top, expert_index = selection.top_k(scores, self.k)
+        if self.renormalize and (self.k > 1 or self.score_function == "sigmoid"):
+            top = top / ops.sum(top, axis=-1, keepdims=True)
+
+        e = self.num_experts
+        flat_index = ops.reshape(expert_index, (-1, self.k))
+        flat_probs = ops.reshape(probs, (-1, e))
+        gates = ops.einsum(
+            "nk,nke->ne",
+            ops.reshape(top, (-1, self.k)),
+            ops.one_hot(flat_index, e, dtype=top.dtype),
         )
-        z_loss = balancing.router_z_loss(ops.reshape(logits, (-1, self.num_experts)))
+        losses = {
+            "load_balance_loss": balancing.load_balancing_loss(
+                flat_probs, flat_index, e
+            ),
+            "importance_loss": balancing.cv_squared(ops.sum(gates, axis=0)),
+            "z_loss": balancing.router_z_loss(ops.reshape(logits, (-1, e))),
+        }
+        if noisy is not None:
+            losses["load_loss"] = balancing.cv_squared(
+                balancing.noisy_top_k_load(
+                    ops.reshape(clean, (-1, e)),
+                    ops.reshape(noisy, (-1, e)),
+                    ops.reshape(noise_std, (-1, e)),
+                    self.k,
+                )
+            )
         if training:
-            if self.load_balance_weight:
-                self.add_loss(self.load_balance_weight * balance)
-            if self.z_loss_weight:
-                self.add_loss(self.z_loss_weight * z_loss)
-        return {
+            for name, weight in (
+                ("load_balance_loss", self.load_balance_weight),
+                ("importance_loss", self.importance_weight),
+                ("load_loss", self.load_weight),
+                ("z_loss", self.z_loss_weight),
+            ):
+                if weight and name in losses:
+                    self.add_loss(weight * losses[name])
+            if self.selection_bias is not None:
+                load = ops.mean(ops.one_hot(flat_index, e, dtype="float32"), axis=(0, 1))
+                step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
+                self.selection_bias.assign(self.selection_bias + step)
+        routing = {
             "expert_index": expert_index,
-            "combine_weights": top_probs,
+            "combine_weights": top,
             "probs": probs,
             "logits": logits,
-            "load_balance_loss": balance,
-            "z_loss": z_loss,
+            **losses,
         }
+        if self.batch_prioritized:
+            routing["priority"] = ops.max(scores, axis=-1)
+        return routing
 
     def compute_output_shape(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         lead = input_shape[:-1]
-        return {
+        shapes = {
             "expert_index": lead + (self.k,),
             "combine_weights": lead + (self.k,),
             "probs": lead + (self.num_experts,),
             "logits": lead + (self.num_experts,),
             "load_balance_loss": (),
+            "importance_loss": (),
             "z_loss": (),
         }
+        if self.batch_prioritized:
+            shapes["priority"] = lead
+        return shapes
 
     def compute_output_spec(self, inputs, training=None):
         shapes = self.compute_output_shape(inputs.shape)
+        if self.noisy_gating and training:
+            shapes["load_loss"] = ()
         return {
             name: keras.KerasTensor(
                 shape, dtype="int32" if name == "expert_index" else self.compute_dtype
@@ -216,11 +323,16 @@ class TopKRouter(keras.layers.Layer):
         config.update(
             num_experts=self.num_experts,
             k=self.k,
+            score_function=self.score_function,
             noisy_gating=self.noisy_gating,
             renormalize=self.renormalize,
+            batch_prioritized=self.batch_prioritized,
             use_bias=self.use_bias,
             load_balance_weight=self.load_balance_weight,
+            importance_weight=self.importance_weight,
+            load_weight=self.load_weight,
             z_loss_weight=self.z_loss_weight,
+            bias_update_rate=self.bias_update_rate,
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer
             ),

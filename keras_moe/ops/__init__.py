@@ -1,6 +1,11 @@
 """Pure tensor functions: token dispatch/combine and routing losses."""
 
-from keras_moe.ops.balancing import load_balancing_loss, router_z_loss
+from keras_moe.ops.balancing import (
+    cv_squared,
+    load_balancing_loss,
+    noisy_top_k_load,
+    router_z_loss,
+)
 from keras_moe.ops.dispatching import (
     DispatchPlan,
     combine,
@@ -16,12 +21,14 @@ from keras_moe.ops.selection import top_k
 __all__ = [
     "DispatchPlan",
     "combine",
+    "cv_squared",
     "compute_capacity",
     "dense_gates",
     "dispatch",
     "expert_counts",
     "load_balancing_loss",
     "make_dispatch_plan",
+    "noisy_top_k_load",
     "plan_from_positions",
     "router_z_loss",
     "top_k",

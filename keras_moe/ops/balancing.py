@@ -7,6 +7,8 @@ logged or tested.
 
 from keras import ops
 
+from keras_moe.ops import selection
+
 
 def load_balancing_loss(probs, expert_index, num_experts):
     """Switch Transformer load-balancing loss, generalised to top-k.
@@ -47,3 +49,49 @@ def router_z_loss(logits):
     """
     z = ops.logsumexp(ops.cast(logits, "float32"), axis=-1)
     return ops.mean(ops.square(z))
+
+
+def cv_squared(values):
+    """Squared coefficient of variation `var(v) / mean(v)^2` of a vector.
+
+    Shazeer et al. (2017) use it on the per-expert importance and load: 0
+    when all experts are equal. Returns 0 for a vector of zeros.
+    """
+    values = ops.cast(values, "float32")
+    mean = ops.mean(values)
+    return ops.var(values) / (ops.square(mean) + 1e-10)
+
+
+def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k):
+    """Smooth per-expert load estimate of noisy top-k gating.
+
+    `load_e = sum_n P(n, e)`, where `P(n, e) = Phi((clean_ne - t_ne) /
+    std_ne)` is the probability that expert `e` stays in token `n`'s top-k
+    when only its own noise is re-drawn, and `t_ne` is the k-th largest noisy
+    logit of the other experts (the (k+1)-th overall if `e` is in the top-k,
+    else the k-th). Differentiable in the router and noise weights.
+
+    Args:
+        clean_logits, noisy_logits, noise_std: `(N, E)`.
+        k: experts per token.
+
+    Returns:
+        `(E,)` float32.
+
+    References:
+        Shazeer et al. Outrageously Large Neural Networks (2017), app. A.
+    """
+    clean_logits = ops.convert_to_tensor(clean_logits)
+    noisy_logits = ops.convert_to_tensor(noisy_logits)
+    noise_std = ops.convert_to_tensor(noise_std)
+    num_experts = ops.shape(clean_logits)[-1]
+    if k >= num_experts:  # every expert is always chosen
+        return ops.cast(ops.sum(ops.ones_like(clean_logits), axis=0), "float32")
+    top, _ = selection.top_k(noisy_logits, k + 1)
+    kth = top[:, k - 1 : k]  # k-th largest: threshold for experts outside
+    next_ = top[:, k : k + 1]  # (k+1)-th: threshold for experts inside
+    inside = noisy_logits >= kth
+    threshold = ops.where(inside, next_, kth)
+    z = (clean_logits - threshold) / noise_std
+    prob_in = 0.5 * (1.0 + ops.erf(z / 2.0**0.5))
+    return ops.sum(ops.cast(prob_in, "float32"), axis=0)
