@@ -1,0 +1,199 @@
+import keras
+from keras import ops
+
+from keras_moe.layers import _validation as check
+from keras_moe.layers.experts import Experts
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SoftMoE(keras.layers.Layer):
+    """Soft Mixture-of-Experts: experts process soft mixtures of tokens.
+
+    For a sequence `X` of `T` tokens `(T, d)` and slot parameters
+    `Phi (d, E * S)` (`S = slots_per_expert`), with logits `L = X Phi`:
+
+    - dispatch weights `D = softmax_T(L)` (each slot is a convex combination
+      of all tokens), slots `X~ = D^T X` `(E * S, d)`;
+    - expert `e` processes its `S` slots: `Y~ = FFN_e(X~)`;
+    - combine weights `C = softmax_{E*S}(L)` (each token is a convex
+      combination of all slot outputs), `Y = C Y~` `(T, o)`.
+
+    Nothing is dropped and everything is differentiable: every token reaches
+    every slot with a positive weight. The cost is that of `E * S` tokens
+    per sequence, whatever `T`. Tokens are mixed within a sequence only
+    (never across the batch), so the input must be `(B, T, d)`; for
+    autoregressive decoding, where a token may not see later tokens, Soft
+    MoE does not apply.
+
+    With `normalize=True` (the paper's recipe for large `d`), `X` and the
+    columns of `Phi` are L2-normalised and the logits scaled by a learned
+    scalar initialised to 1.
+
+    Args:
+        num_experts: `E`.
+        hidden_dim: hidden width of each expert.
+        slots_per_expert: `S`.
+        output_dim: output width; defaults to the input width.
+        normalize: L2-normalise tokens and slot parameters.
+        activation, gated, use_bias, kernel_initializer, bias_initializer,
+        kernel_regularizer, bias_regularizer: passed to `Experts`.
+        slot_initializer: initializer of `Phi` (default LeCun normal, as in
+            the paper).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `(B, T, d)`.
+
+    Returns:
+        `(B, T, o)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> moe = SoftMoE(num_experts=4, hidden_dim=32, slots_per_expert=2)
+    >>> moe(np.random.rand(2, 10, 16).astype("float32")).shape
+    (2, 10, 16)
+
+    References:
+        Puigcerver, Riquelme, Mustafa, Houlsby. From Sparse to Soft Mixtures
+        of Experts (ICLR 2024).
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        slots_per_expert=1,
+        output_dim=None,
+        normalize=False,
+        activation="gelu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        slot_initializer="lecun_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.slots_per_expert = check.positive_int("slots_per_expert", slots_per_expert)
+        self.output_dim = (
+            None if output_dim is None else check.positive_int("output_dim", output_dim)
+        )
+        self.normalize = bool(normalize)
+        self.slot_initializer = keras.initializers.get(slot_initializer)
+        self.experts = Experts(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+
+    def _check_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(
+                "SoftMoE mixes the tokens of a sequence and expects inputs "
+                "(batch, tokens, dim) with a known dim. Received: "
+                f"input_shape={input_shape}"
+            )
+        return input_shape
+
+    def build(self, input_shape):
+        d = self._check_shape(input_shape)[-1]
+        num_slots = self.num_experts * self.slots_per_expert
+        self.slot_kernel = self.add_weight(
+            name="slot_kernel", shape=(d, num_slots), initializer=self.slot_initializer
+        )
+        self.scale = (
+            self.add_weight(name="scale", shape=(), initializer="ones")
+            if self.normalize
+            else None
+        )
+        self.experts.build((self.num_experts, None, d))
+        self.expert_load = self.add_weight(
+            name="expert_load",
+            shape=(self.num_experts,),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+        )
+
+    def logits(self, inputs):
+        """Token-slot logits `(B, T, E * S)`."""
+        x, phi = inputs, self.slot_kernel
+        if self.normalize:
+            x = x * ops.rsqrt(ops.sum(ops.square(x), -1, keepdims=True) + 1e-6)
+            phi = phi * ops.rsqrt(ops.sum(ops.square(phi), 0, keepdims=True) + 1e-6)
+            phi = phi * self.scale
+        return ops.einsum("btd,ds->bts", x, phi)
+
+    def call(self, inputs):
+        shape = self._check_shape(inputs.shape)
+        e, s = self.num_experts, self.slots_per_expert
+        logits = ops.cast(self.logits(inputs), "float32")
+        dispatch = ops.cast(ops.softmax(logits, axis=1), inputs.dtype)
+        combine = ops.softmax(logits, axis=2)
+        slots = ops.einsum("bts,btd->bsd", dispatch, inputs)  # (B, E*S, d)
+        batch = ops.shape(inputs)[0]
+        per_expert = ops.reshape(slots, (batch, e, s, shape[-1]))
+        per_expert = ops.reshape(
+            ops.transpose(per_expert, (1, 0, 2, 3)), (e, -1, shape[-1])
+        )
+        outputs = self.experts(per_expert)  # (E, B*S, o)
+        o = ops.shape(outputs)[-1]
+        outputs = ops.transpose(ops.reshape(outputs, (e, batch, s, o)), (1, 0, 2, 3))
+        outputs = ops.reshape(outputs, (batch, e * s, o))
+        y = ops.einsum("bts,bso->bto", ops.cast(combine, outputs.dtype), outputs)
+        # Share of the combine mass that each expert's slots receive.
+        load = ops.sum(ops.reshape(combine, (-1, e, s)), axis=(0, 2))
+        self.expert_load.assign(ops.stop_gradient(load / ops.sum(load)))
+        return y
+
+    def routing_stats(self):
+        """Per-expert share of the combine weights in the last call; Soft MoE
+        drops nothing."""
+        return {
+            "expert_load": ops.convert_to_numpy(self.expert_load),
+            "dropped_fraction": 0.0,
+        }
+
+    def compute_output_shape(self, input_shape):
+        input_shape = self._check_shape(input_shape)
+        return input_shape[:-1] + (self.output_dim or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        experts = self.experts.get_config()
+        config.update(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            slots_per_expert=self.slots_per_expert,
+            output_dim=self.output_dim,
+            normalize=self.normalize,
+            slot_initializer=keras.initializers.serialize(self.slot_initializer),
+            **{
+                name: experts[name]
+                for name in (
+                    "activation",
+                    "gated",
+                    "use_bias",
+                    "kernel_initializer",
+                    "bias_initializer",
+                    "kernel_regularizer",
+                    "bias_regularizer",
+                )
+            },
+        )
+        return config
