@@ -6,6 +6,6 @@ and PyTorch.
 
 __version__ = "0.1.0"
 
-from keras_moe import layers, ops  # noqa: E402
+from keras_moe import callbacks, layers, ops  # noqa: E402
 
-__all__ = ["layers", "ops", "__version__"]
+__all__ = ["callbacks", "layers", "ops", "__version__"]

@@ -36,8 +36,10 @@ class SparseMoE(keras.layers.Layer):
     In training the router adds the Switch load-balancing loss
     (`load_balance_weight`) and optionally the z-loss with `add_loss`.
     Routing statistics of the last call are kept in non-trainable variables
-    (`expert_load`, `dropped_fraction`, `load_balance_loss`; read them with
-    `routing_stats()`), and `return_routing=True` returns the whole routing.
+    (`expert_load`, `dropped_fraction`, `load_balance_loss`,
+    `router_entropy`; read them with `routing_stats()`, or log them during
+    `fit` with `keras_moe.callbacks.RoutingMetrics`), and
+    `return_routing=True` returns the whole routing.
 
     Args:
         num_experts: `E`, number of experts.
@@ -213,6 +215,7 @@ class SparseMoE(keras.layers.Layer):
         self.expert_load = stat("expert_load", (self.num_experts,))
         self.dropped_fraction = stat("dropped_fraction", ())
         self.load_balance_loss = stat("load_balance_loss", ())
+        self.router_entropy = stat("router_entropy", ())
 
     def _check_call_input(self, inputs):
         shape = tuple(inputs.shape)
@@ -309,6 +312,9 @@ class SparseMoE(keras.layers.Layer):
         self.expert_load.assign(ops.stop_gradient(expert_load))
         self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
         self.load_balance_loss.assign(ops.stop_gradient(ops.cast(balance, "float32")))
+        probs = ops.cast(routing["probs"], "float32")
+        entropy = -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=-1))
+        self.router_entropy.assign(ops.stop_gradient(entropy))
         if not return_routing:
             return outputs
         return outputs, {
@@ -330,6 +336,7 @@ class SparseMoE(keras.layers.Layer):
             "load_balance_loss": float(
                 ops.convert_to_numpy(self.load_balance_loss)
             ),
+            "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
         }
 
     def compute_output_shape(self, input_shape):

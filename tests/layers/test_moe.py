@@ -45,7 +45,7 @@ def test_layer_contract(dispatch):
         tokens((4, 5, 8)),
         expected_output_shape=(4, 5, 7),
         expected_num_trainable_weights=5,  # router kernel + noise, 3 kernels
-        expected_num_non_trainable_weights=3,  # routing statistics
+        expected_num_non_trainable_weights=4,  # routing statistics
     )
 
 

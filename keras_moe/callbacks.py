@@ -1,0 +1,96 @@
+"""Callbacks that make routing visible during training."""
+
+import keras
+import numpy as np
+
+
+def moe_layers(model):
+    """Every layer in `model` (nested models included) that reports routing
+    statistics (has `routing_stats()`), in order."""
+    found = []
+
+    def visit(layer):
+        if hasattr(layer, "routing_stats") and layer not in found:
+            found.append(layer)
+        for child in getattr(layer, "_layers", []):
+            visit(child)
+
+    for layer in model.layers:
+        visit(layer)
+    return found
+
+
+class RoutingMetrics(keras.callbacks.Callback):
+    """Adds every MoE layer's routing statistics to `fit`'s logs.
+
+    For each layer with `routing_stats()` (`SparseMoE`, `SoftMoE`, ...), named
+    `<layer>`, it logs after each batch (so the progress bar shows them) and,
+    averaged over the epoch, into `history` (with `val_` versions from the
+    validation pass):
+
+    - `<layer>_dropped`: fraction of (token, choice) assignments dropped;
+    - `<layer>_load_cv`: coefficient of variation of the per-expert load
+      (0 is perfect balance);
+    - `<layer>_max_load`: largest per-expert load share;
+    - `<layer>_balance_loss`, `<layer>_entropy`: load-balancing loss and
+      router entropy, where the layer reports them;
+    - `<layer>_load_<e>` for every expert `e` with `per_expert=True`.
+
+    Statistics are read from the layers' non-trainable state after each
+    step, so they are those of the step's batch; this works on every
+    backend, jitted or not (on JAX it syncs the model state once per batch).
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[keras_moe.callbacks.RoutingMetrics()])
+    ```
+    """
+
+    def __init__(self, per_expert=False):
+        super().__init__()
+        self.per_expert = bool(per_expert)
+
+    def _read(self):
+        values = {}
+        for layer in moe_layers(self.model):
+            stats = layer.routing_stats()
+            load = np.asarray(stats["expert_load"], "float64")
+            name = layer.name
+            values[f"{name}_dropped"] = float(stats.get("dropped_fraction", 0.0))
+            mean = load.mean()
+            values[f"{name}_load_cv"] = float(load.std() / mean) if mean > 0 else 0.0
+            values[f"{name}_max_load"] = float(load.max())
+            if "load_balance_loss" in stats:
+                values[f"{name}_balance_loss"] = float(stats["load_balance_loss"])
+            if "router_entropy" in stats:
+                values[f"{name}_entropy"] = float(stats["router_entropy"])
+            if self.per_expert:
+                for e, share in enumerate(load):
+                    values[f"{name}_load_{e}"] = float(share)
+        return values
+
+    def _accumulate(self, store, logs):
+        values = self._read()
+        for key, value in values.items():
+            store.setdefault(key, []).append(value)
+        if logs is not None:
+            logs.update(values)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._train, self._val = {}, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._accumulate(self._train, logs)
+
+    def on_test_begin(self, logs=None):
+        self._val = {}
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._accumulate(self._val, None)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs.update({k: float(np.mean(v)) for k, v in self._train.items()})
+        logs.update({f"val_{k}": float(np.mean(v)) for k, v in self._val.items()})
