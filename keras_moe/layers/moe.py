@@ -198,7 +198,8 @@ class SparseMoE(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         d = input_shape[-1]
-        self.router.build((None, d))
+        if not self.router.built:  # a router revived from a config is built
+            self.router.build((None, d))
         self.experts.build((self.num_experts, None, d))
         if self.shared_experts is not None:
             self.shared_experts.build((self.num_shared_experts, None, d))

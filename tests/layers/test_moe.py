@@ -287,3 +287,38 @@ def test_export_saved_model_with_dynamic_batch(tmp_path):
             model.predict(x, batch_size=batch, verbose=0),
             atol=1e-5,
         )
+
+
+def test_layer_contract_with_a_router_and_shared_experts():
+    from keras_moe.layers import TopKRouter
+
+    run_layer_test(
+        SparseMoE,
+        dict(num_experts=4, hidden_dim=8, num_shared_experts=2,
+             router=TopKRouter(4, k=1, batch_prioritized=True, z_loss_weight=0.1)),
+        tokens((6, 3, 5)),
+        expected_output_shape=(6, 3, 5),
+        expected_num_trainable_weights=1 + 4 + 4,  # router kernel, 2 banks
+    )
+
+
+def test_router_options_conflict_with_a_router():
+    from keras_moe.layers import TopKRouter
+
+    with pytest.raises(ValueError, match="load_balance_weight=0.5"):
+        SparseMoE(4, 8, router=TopKRouter(4), load_balance_weight=0.5)
+    with pytest.raises(ValueError, match="k=1, router.k=2"):
+        SparseMoE(4, 8, k=1, router=TopKRouter(4, k=2))
+    with pytest.raises(ValueError, match="router.num_experts=3, num_experts=4"):
+        SparseMoE(4, 8, router=TopKRouter(3))
+    with pytest.raises(ValueError, match="num_shared_experts=-1"):
+        SparseMoE(4, 8, num_shared_experts=-1)
+
+
+def test_shared_experts_add_a_dense_ffn_to_every_token():
+    x = tokens((2, 3, 5), seed=9)
+    layer = SparseMoE(4, 8, num_shared_experts=1, bias_initializer="random_normal")
+    y = keras.ops.convert_to_numpy(layer(x))
+    routed, _ = reference_moe(layer, x)
+    shared = numpy_experts(layer.shared_experts, x.reshape(1, -1, 5)).reshape(2, 3, 5)
+    np.testing.assert_allclose(y, routed + shared, atol=1e-5)
