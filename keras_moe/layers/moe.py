@@ -305,7 +305,8 @@ class SparseMoE(keras.layers.Layer):
             outputs = outputs + ops.sum(self.shared_experts(shared_in), axis=0)
         outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
 
-        routed, kept = dispatch_ops.expert_counts(plan)
+        # Routers that place tokens themselves mark the pairs they chose.
+        routed, kept = dispatch_ops.expert_counts(plan, selected=routing.get("keep"))
         total = ops.sum(routed)
         expert_load = routed / ops.maximum(total, 1.0)
         dropped_fraction = 1.0 - ops.sum(kept) / ops.maximum(total, 1.0)

@@ -224,10 +224,16 @@ def dense_gates(plan, combine_weights):
     return ops.einsum("nk,nke->ne", weights, one_hot)
 
 
-def expert_counts(plan):
+def expert_counts(plan, selected=None):
     """Tokens routed to each expert before (`routed`) and after (`kept`) the
-    capacity cut, both `(E,)` float32."""
+    capacity cut, both `(E,)` float32.
+
+    `selected` `(N, k)` bool marks the pairs a router that places tokens
+    itself actually chose (e.g. expert choice); by default every pair counts.
+    """
     one_hot = ops.one_hot(plan["expert_index"], plan["num_experts"])
+    if selected is not None:
+        one_hot = one_hot * ops.cast(selected, one_hot.dtype)[..., None]
     routed = ops.sum(one_hot, axis=(0, 1))
     kept = ops.sum(
         one_hot * ops.cast(plan["keep"], one_hot.dtype)[..., None], axis=(0, 1)

@@ -1,0 +1,261 @@
+"""BASE-layer routing: a balanced assignment of tokens to experts."""
+
+import keras
+from keras import ops
+
+from keras_moe.layers import _validation as check
+from keras_moe.layers.routers import default_router_initializer
+from keras_moe.ops import dispatching
+
+
+def sinkhorn_log_plan(affinities, num_iterations, temperature):
+    """Log of an entropic balanced transport plan between tokens and experts.
+
+    On standardised affinities `A = (a - mean(a)) / std(a)` (so that
+    `temperature` does not depend on the scale of the router weights),
+    `num_iterations` rounds of log-domain Sinkhorn scaling of `A / temperature`
+    alternately make every row sum to 1 (each token is assigned once) and
+    every column sum to `N / E` (each expert gets its share).
+
+    Args:
+        affinities: `(N, E)` float32.
+        num_iterations: Python int >= 0 (0: the standardised affinities).
+        temperature: Python float > 0.
+
+    Returns:
+        `(N, E)` log-plan.
+    """
+    a = ops.cast(affinities, "float32")
+    a = (a - ops.mean(a)) / (ops.std(a) + 1e-6)
+    log_plan = a / temperature
+    shape = ops.shape(a)
+    log_share = ops.log(
+        ops.cast(shape[0], "float32") / ops.cast(shape[1], "float32")
+    )
+    for _ in range(num_iterations):
+        log_plan = log_plan - ops.logsumexp(log_plan, axis=1, keepdims=True)
+        log_plan = log_plan - ops.logsumexp(log_plan, axis=0, keepdims=True)
+        log_plan = log_plan + log_share
+    return log_plan
+
+
+def capacity_constrained_assignment(scores, capacity, max_rounds):
+    """Assigns every token one expert, no expert more than `capacity` tokens.
+
+    In rounds: every unassigned token proposes to its highest-scoring expert
+    that still has room; each expert accepts its best proposers up to its
+    remaining room. A round either fills some expert or assigns every
+    proposer, so if `E * capacity >= N` all tokens are assigned after at
+    most `E` rounds (the loop stops early when they are).
+
+    Args:
+        scores: `(N, E)` float preferences (no gradient flows through).
+        capacity: Python int or scalar int tensor.
+        max_rounds: Python int, `E` for the guarantee.
+
+    Returns:
+        `(N,)` int32 experts (`-1` for tokens left unassigned, only possible
+        if `E * capacity < N`).
+    """
+    scores = ops.stop_gradient(ops.cast(scores, "float32"))
+    num_experts = ops.shape(scores)[1]
+    capacity = ops.cast(capacity, "int32")
+    lowest = ops.convert_to_tensor(float("-inf"), dtype="float32")
+
+    def cond(round_, assigned, load):
+        return ops.logical_and(round_ < max_rounds, ops.any(assigned < 0))
+
+    def body(round_, assigned, load):
+        has_room = (load < capacity)[None, :]
+        choice = ops.cast(
+            ops.argmax(ops.where(has_room, scores, lowest), axis=-1), "int32"
+        )
+        proposes = ops.logical_and(
+            ops.one_hot(choice, num_experts, dtype="bool"), (assigned < 0)[:, None]
+        )  # (N, E)
+        # Rank of each proposer among its expert's proposers, best first.
+        key = ops.transpose(ops.where(proposes, scores, lowest))  # (E, N)
+        rank = ops.argsort(ops.argsort(-key, axis=-1), axis=-1)
+        room = (capacity - load)[:, None]
+        accepts = ops.logical_and(ops.transpose(proposes), rank < room)
+        accepted = ops.any(accepts, axis=0)
+        assigned = ops.where(accepted, choice, assigned)
+        load = load + ops.sum(ops.cast(accepts, "int32"), axis=1)
+        return round_ + 1, assigned, load
+
+    num_tokens = ops.shape(scores)[0]
+    _, assigned, _ = ops.while_loop(
+        cond,
+        body,
+        (
+            ops.convert_to_tensor(0, dtype="int32"),
+            ops.full((num_tokens,), -1, dtype="int32"),
+            ops.zeros((num_experts,), dtype="int32"),
+        ),
+    )
+    return assigned
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class BalancedAssignmentRouter(keras.layers.Layer):
+    """BASE-layer router: in training, a balanced assignment of tokens.
+
+    BASE layers (Lewis et al. 2021) give every token exactly one expert
+    (`k = 1`) and, in training, solve a balanced assignment: every expert
+    receives the same number of tokens while the total affinity
+    `sum_n a[n, e_n]` stays high, with affinities `a = X W_r` (one learned
+    embedding per expert, the columns of `W_r`). No auxiliary loss is
+    needed. This layer computes the assignment in two steps, all in
+    `keras.ops` on the `N` tokens of the call:
+
+    1. Entropic optimal transport: `num_iterations` log-domain Sinkhorn
+       iterations on `A / temperature` (`A` the affinities standardised over
+       the call) give a plan whose rows sum to 1 and columns to `N / E`;
+       its logarithm is each token's preference over experts.
+    2. Capacity-constrained greedy: in rounds, every unassigned token
+       proposes to its preferred expert that still has room, and each
+       expert accepts its most preferred proposers up to
+       `ceil(N / E)` tokens (at most `E` rounds).
+
+    **Guarantee** (training): every token gets exactly one expert and every
+    expert at most `ceil(N / E)` tokens, i.e. the maximum load is within one
+    token of the mean. (Sinkhorn alone, followed by an argmax, is only
+    approximately balanced: how closely depends on the number of
+    iterations, the temperature and the data; step 2 makes it exact, and
+    step 1 makes step 2 rarely need to move a token away from its plan.)
+    Inside `SparseMoE` the training capacity is `ceil(N / E *
+    capacity_factor)`, so with `capacity_factor >= 1` no token is dropped.
+    The routing is not differentiable; the router learns through the gate.
+
+    At inference (`training=False`) each token takes the greedy argmax of
+    its affinities, as in BASE; this is not balanced (tokens are dropped if
+    an expert overflows `SparseMoE`'s `eval_capacity_factor`).
+
+    The gate is `combine_weights = sigmoid(a[n, e_n])`, as BASE mixes
+    `h + sigmoid(h . w_e) f_e(h)`; `probs = softmax(a)`.
+
+    Args:
+        num_experts: `E`.
+        num_iterations: Sinkhorn iterations (>= 0; 0 skips step 1 and the
+            greedy works on the raw affinities).
+        temperature: entropic temperature (> 0) on standardised affinities;
+            lower is closer to the optimal assignment but needs more
+            iterations.
+        kernel_initializer: router kernel initializer (default: truncated
+            normal with 0.1 x LeCun variance, as in Switch).
+        **kwargs: base `Layer` arguments; `dtype` defaults to `"float32"`.
+
+    Call arguments:
+        inputs: `(..., d)` tokens; all `N` positions of the call are assigned
+            together.
+        training: balanced assignment (True) or greedy argmax.
+
+    Returns:
+        A dict with `expert_index` `(..., 1)` int32, `combine_weights`
+        `(..., 1)`, `probs` `(..., E)` and `logits` `(..., E)` (the
+        affinities).
+
+    Example:
+
+    >>> import numpy as np
+    >>> router = BalancedAssignmentRouter(num_experts=4)
+    >>> x = np.random.rand(32, 8).astype("float32") + 3.0  # all alike
+    >>> index = np.asarray(router(x, training=True)["expert_index"])
+    >>> np.bincount(index[:, 0], minlength=4).tolist()
+    [8, 8, 8, 8]
+
+    References:
+        Lewis, Bhosale, Dettmers, Goyal, Zettlemoyer. BASE Layers:
+        Simplifying Training of Large, Sparse Models (ICML 2021).
+        Cuturi. Sinkhorn Distances (NeurIPS 2013).
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        num_iterations=8,
+        temperature=0.3,
+        kernel_initializer=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.k = 1
+        self.num_iterations = check.non_negative_int("num_iterations", num_iterations)
+        temperature = check.non_negative_float("temperature", temperature)
+        if temperature == 0:
+            raise ValueError(
+                f"temperature must be > 0. Received: temperature={temperature!r}"
+            )
+        self.temperature = temperature
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer or default_router_initializer()
+        )
+
+    def build(self, input_shape):
+        if self.built:
+            return
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.num_experts),
+            initializer=self.kernel_initializer,
+        )
+
+    def balanced_assignment(self, affinities):
+        """`(N, E)` affinities -> `(N,)` int32 balanced experts."""
+        num_tokens = ops.shape(affinities)[0]
+        log_plan = sinkhorn_log_plan(
+            ops.stop_gradient(affinities), self.num_iterations, self.temperature
+        )
+        capacity = dispatching.compute_capacity(num_tokens, self.num_experts, 1, 1.0)
+        return capacity_constrained_assignment(log_plan, capacity, self.num_experts)
+
+    def call(self, inputs, training=None):
+        shape = ops.shape(inputs)
+        tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
+        affinities = ops.matmul(tokens, self.kernel)  # (N, E)
+        if training:
+            expert = self.balanced_assignment(affinities)
+        else:
+            expert = ops.cast(ops.argmax(affinities, axis=-1), "int32")
+        expert_index = expert[:, None]
+        chosen = ops.take_along_axis(affinities, expert_index, axis=-1)
+        lead = tuple(shape[:-1])
+        return {
+            "expert_index": ops.reshape(expert_index, lead + (1,)),
+            "combine_weights": ops.reshape(ops.sigmoid(chosen), lead + (1,)),
+            "probs": ops.reshape(
+                ops.softmax(affinities, axis=-1), lead + (self.num_experts,)
+            ),
+            "logits": ops.reshape(affinities, lead + (self.num_experts,)),
+        }
+
+    def compute_output_shape(self, input_shape):
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        lead = input_shape[:-1]
+        return {
+            "expert_index": lead + (1,),
+            "combine_weights": lead + (1,),
+            "probs": lead + (self.num_experts,),
+            "logits": lead + (self.num_experts,),
+        }
+
+    def compute_output_spec(self, inputs, training=None):
+        return {
+            name: keras.KerasTensor(
+                shape, dtype="int32" if name == "expert_index" else self.compute_dtype
+            )
+            for name, shape in self.compute_output_shape(inputs.shape).items()
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            num_iterations=self.num_iterations,
+            temperature=self.temperature,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
