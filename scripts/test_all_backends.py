@@ -46,7 +46,7 @@ def main():
         for backend in backends:
             junit = os.path.join(tmp, f"{backend}.xml")
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-            command = [sys.executable, "-m", "pytest", "tests", "-q",
+            command = [sys.executable, "-m", "pytest", "tests", "-q", "--durations=10",
                        "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args]
             print(f"\n===== KERAS_BACKEND={backend}: {' '.join(command[1:])}", flush=True)
             start = time.time()

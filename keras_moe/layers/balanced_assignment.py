@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import default_router_initializer
+from keras_moe.layers.routers import default_router_initializer, routing_output_spec
 from keras_moe.ops import dispatching
 
 
@@ -243,12 +243,9 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         }
 
     def compute_output_spec(self, inputs, training=None):
-        return {
-            name: keras.KerasTensor(
-                shape, dtype="int32" if name == "expert_index" else self.compute_dtype
-            )
-            for name, shape in self.compute_output_shape(inputs.shape).items()
-        }
+        return routing_output_spec(
+            self.compute_output_shape(inputs.shape), self.compute_dtype
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers.routers import routing_output_spec
 from keras_moe.ops import selection
 
 
@@ -226,12 +227,7 @@ class DSelectKRouter(keras.layers.Layer):
 
     def compute_output_spec(self, inputs, training=None):
         shapes = self.compute_output_shape(inputs.shape)
-        return {
-            name: keras.KerasTensor(
-                shape, dtype="int32" if name == "expert_index" else self.compute_dtype
-            )
-            for name, shape in shapes.items()
-        }
+        return routing_output_spec(shapes, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

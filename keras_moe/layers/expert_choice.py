@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import default_router_initializer
+from keras_moe.layers.routers import default_router_initializer, routing_output_spec
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching
 
@@ -192,17 +192,9 @@ class ExpertChoiceRouter(keras.layers.Layer):
         }
 
     def compute_output_spec(self, inputs, training=None, capacity=None):
-        dtypes = {
-            "expert_index": "int32",
-            "position": "int32",
-            "keep": "bool",
-            "load_balance_loss": "float32",
-            "z_loss": "float32",
-        }
-        return {
-            name: keras.KerasTensor(shape, dtype=dtypes.get(name, self.compute_dtype))
-            for name, shape in self.compute_output_shape(inputs.shape).items()
-        }
+        return routing_output_spec(
+            self.compute_output_shape(inputs.shape), self.compute_dtype
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
+from keras_moe.layers.routers import routing_output_spec
 from keras_moe.ops import selection
 
 # The arithmetic hash works in int32 without overflow: every product below
@@ -196,12 +197,7 @@ class HashRouter(keras.layers.Layer):
     def compute_output_spec(self, inputs, routing_inputs=None, training=None):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         shapes = self.compute_output_shape(inputs.shape)
-        return {
-            name: keras.KerasTensor(
-                shape, dtype="int32" if name == "expert_index" else self.compute_dtype
-            )
-            for name, shape in shapes.items()
-        }
+        return routing_output_spec(shapes, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -28,6 +28,18 @@ from keras_moe.layers import _validation as check
 from keras_moe.ops import balancing, selection
 
 
+_ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
+
+
+def routing_output_spec(shapes, float_dtype):
+    """`KerasTensor`s for a routing dict of `shapes`: int32 indices and
+    positions, a bool `keep`, everything else `float_dtype`."""
+    return {
+        name: keras.KerasTensor(shape, dtype=_ROUTING_DTYPES.get(name, float_dtype))
+        for name, shape in shapes.items()
+    }
+
+
 def default_router_initializer():
     """Switch Transformer's router init: truncated normal, 0.1 x LeCun scale."""
     return keras.initializers.VarianceScaling(
@@ -311,12 +323,7 @@ class TopKRouter(keras.layers.Layer):
         shapes = self.compute_output_shape(inputs.shape)
         if self.noisy_gating and training:
             shapes["load_loss"] = ()
-        return {
-            name: keras.KerasTensor(
-                shape, dtype="int32" if name == "expert_index" else self.compute_dtype
-            )
-            for name, shape in shapes.items()
-        }
+        return routing_output_spec(shapes, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
