@@ -23,6 +23,25 @@ def per_expert_initializer(initializer, num_experts):
     return initializer
 
 
+# The per-expert FFN options that MoE layers take and pass to their Experts.
+EXPERT_OPTIONS = (
+    "activation",
+    "gated",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+)
+
+
+def expert_options_config(experts):
+    """The `EXPERT_OPTIONS` of an `Experts` layer, serialized as in its
+    `get_config`, for the `get_config` of a layer that owns it."""
+    config = experts.get_config()
+    return {name: config[name] for name in EXPERT_OPTIONS}
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class Experts(keras.layers.Layer):
     """A bank of `E` feed-forward experts run as one batched einsum.

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
-from keras_moe.layers.experts import Experts
+from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.ops import dispatching as dispatch_ops
 
@@ -362,7 +362,6 @@ class SparseMoE(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        experts = self.experts.get_config()
         config.update(
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
@@ -371,13 +370,7 @@ class SparseMoE(keras.layers.Layer):
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
             dispatch=self.dispatch,
-            activation=experts["activation"],
-            gated=experts["gated"],
-            use_bias=experts["use_bias"],
-            kernel_initializer=experts["kernel_initializer"],
-            bias_initializer=experts["bias_initializer"],
-            kernel_regularizer=experts["kernel_regularizer"],
-            bias_regularizer=experts["bias_regularizer"],
+            **expert_options_config(self.experts),
             num_shared_experts=self.num_shared_experts,
             seed=self.seed,
         )

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
-from keras_moe.layers.experts import Experts
+from keras_moe.layers.experts import Experts, expert_options_config
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -175,7 +175,6 @@ class SoftMoE(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        experts = self.experts.get_config()
         config.update(
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
@@ -183,17 +182,6 @@ class SoftMoE(keras.layers.Layer):
             output_dim=self.output_dim,
             normalize=self.normalize,
             slot_initializer=keras.initializers.serialize(self.slot_initializer),
-            **{
-                name: experts[name]
-                for name in (
-                    "activation",
-                    "gated",
-                    "use_bias",
-                    "kernel_initializer",
-                    "bias_initializer",
-                    "kernel_regularizer",
-                    "bias_regularizer",
-                )
-            },
+            **expert_options_config(self.experts),
         )
         return config
