@@ -205,12 +205,15 @@ class SparseMoE(keras.layers.Layer):
             self.shared_experts.build((self.num_shared_experts, None, d))
 
         def stat(name, shape):
+            # autocast=False: under a mixed policy, torch's `assign` would
+            # write into an autocast copy (Keras 3.15) and the value be lost.
             return self.add_weight(
                 name=name,
                 shape=shape,
                 initializer="zeros",
                 dtype="float32",
                 trainable=False,
+                autocast=False,
             )
 
         self.expert_load = stat("expert_load", (self.num_experts,))

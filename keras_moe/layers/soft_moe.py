@@ -128,6 +128,7 @@ class SoftMoE(keras.layers.Layer):
             initializer="zeros",
             dtype="float32",
             trainable=False,
+            autocast=False,  # see SparseMoE.build: torch would lose the value
         )
 
     def logits(self, inputs):
