@@ -20,6 +20,18 @@ def moe_layers(model):
     return found
 
 
+def effective_num_experts(usage):
+    """`exp(entropy)` of a usage distribution over experts: 1 when one
+    expert gets everything, `E` when all `E` get the same share (0 for an
+    all-zero row)."""
+    usage = np.asarray(usage, "float64")
+    total = usage.sum()
+    if total <= 0:
+        return 0.0
+    p = usage[usage > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 class RoutingMetrics(keras.callbacks.Callback):
     """Adds every MoE layer's routing statistics to `fit`'s logs.
 
@@ -34,7 +46,12 @@ class RoutingMetrics(keras.callbacks.Callback):
     - `<layer>_max_load`: largest per-expert load share;
     - `<layer>_balance_loss`, `<layer>_entropy`: load-balancing loss and
       router entropy, where the layer reports them;
-    - `<layer>_load_<e>` for every expert `e` with `per_expert=True`.
+    - `<layer>_load_<e>` for every expert `e` with `per_expert=True`;
+    - for multi-task layers (`MultiGateMoE`, `CGC`, `PLE`: their stats have
+      `task_expert_usage`), per task `<layer>_<task>_experts`, the effective
+      number of experts the task uses, `exp(H(u_t))` with `u_t` its usage
+      row (1: one expert; `E`: all alike), and with `per_expert=True`
+      `<layer>_<task>_usage_<e>`, its share on expert `e`.
 
     Statistics are read from the layers' non-trainable state after each
     step, so they are those of the step's batch; this works on every
@@ -68,6 +85,19 @@ class RoutingMetrics(keras.callbacks.Callback):
             if self.per_expert:
                 for e, share in enumerate(load):
                     values[f"{name}_load_{e}"] = float(share)
+            if "task_expert_usage" in stats:
+                values.update(self._task_values(name, stats))
+        return values
+
+    def _task_values(self, name, stats):
+        usage = np.asarray(stats["task_expert_usage"], "float64")
+        tasks = stats.get("task_names") or [f"task_{t}" for t in range(len(usage))]
+        values = {}
+        for task, row in zip(tasks, usage):
+            values[f"{name}_{task}_experts"] = effective_num_experts(row)
+            if self.per_expert:
+                for e, share in enumerate(row):
+                    values[f"{name}_{task}_usage_{e}"] = float(share)
         return values
 
     def _accumulate(self, store, logs):

@@ -43,3 +43,31 @@ def test_moe_layers_finds_nested_layers():
     outer_in = keras.Input((3, 5))
     outer = keras.Model(outer_in, SparseMoE(2, 4, name="outer_moe")(inner(outer_in)))
     assert [layer.name for layer in moe_layers(outer)] == ["inner_moe", "outer_moe"]
+
+
+def test_routing_metrics_per_task_keys():
+    from keras_moe.callbacks import effective_num_experts
+    from keras_moe.layers import PLE, MultiGateMoE
+
+    inputs = keras.Input((6,))
+    ys = MultiGateMoE(2, 4, 8, task_names=["a", "b"], name="mmoe")(inputs)
+    zs = PLE(2, 2, 1, 1, hidden_dim=8, task_names=["a", "b"], name="ple")(ys[0])
+    model = keras.Model(inputs, [ys[1]] + zs)
+    model.compile(optimizer="adam", loss="mse")
+    data = np.random.default_rng(1).normal(size=(16, 6)).astype("float32")
+    history = model.fit(
+        data, [data] * 3, batch_size=8, epochs=2, verbose=0,
+        callbacks=[RoutingMetrics(per_expert=True)],
+    )
+    h = history.history
+    for key in ("mmoe_a_experts", "mmoe_b_experts", "mmoe_a_usage_3",
+                "ple_level_0_shared_experts", "ple_level_1_b_experts",
+                "ple_a_experts", "mmoe_load_cv", "mmoe_dropped"):
+        assert key in h and len(h[key]) == 2, (key, sorted(h))
+    # Dense gates start near uniform: close to all 4 experts used.
+    assert 3.0 < h["mmoe_a_experts"][0] <= 4.0
+    # PLE's last level: task a's gate sees 1 own + 1 shared expert.
+    assert 1.0 <= h["ple_level_1_a_experts"][-1] <= 2.0 + 1e-9
+    np.testing.assert_allclose(effective_num_experts([0, 0, 1, 0]), 1.0)
+    np.testing.assert_allclose(effective_num_experts([0.25] * 4), 4.0)
+    assert effective_num_experts([0, 0]) == 0.0

@@ -59,6 +59,33 @@ def non_negative_float(name, value):
     return float(value)
 
 
+def positive_float(name, value):
+    """A finite number > 0, e.g. a learning rate."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise ValueError(
+            f"{name} must be a finite number > 0. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def finite_float(name, value):
+    """Any finite number."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not abs(value) < float("inf")
+    ):
+        raise ValueError(
+            f"{name} must be a finite number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def capacity_factor(name, value):
     """A capacity factor is a finite number > 0, or None (dropless)."""
     if value is None:
@@ -109,3 +136,88 @@ def token_input_shape(layer, input_shape):
             f"input_shape={input_shape}"
         )
     return input_shape
+
+
+def unit_interval(name, value):
+    """A number in [0, 1], e.g. an IoU threshold."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0 <= value <= 1
+    ):
+        raise ValueError(
+            f"{name} must be a number in [0, 1]. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def dropout_rate(name, value):
+    """A dropout rate: a number in [0, 1)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0 <= value < 1
+    ):
+        raise ValueError(
+            f"{name} must be a number in [0, 1). Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def task_names(names, num_tasks):
+    """`None` -> `["task_0", ...]`; otherwise `num_tasks` distinct strings."""
+    if names is None:
+        return [f"task_{t}" for t in range(num_tasks)]
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ValueError(
+            "task_names must be a list of strings, one per task. Received: "
+            f"task_names={names!r}"
+        )
+    names = list(names)
+    if len(names) != num_tasks:
+        raise ValueError(
+            "task_names must have one name per task. Received: "
+            f"len(task_names)={len(names)}, num_tasks={num_tasks}"
+        )
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(
+        names
+    ):
+        raise ValueError(
+            "task_names must be distinct non-empty strings. Received: "
+            f"task_names={names!r}"
+        )
+    return names
+
+
+def int_per_level(name, value, num_levels, allow_none=False):
+    """An int (or None) for every level, or a list of one per level.
+    Returns the list of per-level values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_levels:
+            raise ValueError(
+                f"{name} must be one value or a list of one value per level. "
+                f"Received: len({name})={len(value)}, num_levels={num_levels}"
+            )
+        values = list(value)
+    else:
+        values = [value] * num_levels
+    return [
+        None if (v is None and allow_none) else positive_int(name, v) for v in values
+    ]
+
+
+def layer_list(name, layers, min_count):
+    """A list (or tuple) of at least `min_count` Keras layers; returns a list."""
+    if not isinstance(layers, (list, tuple)) or not all(
+        isinstance(layer, keras.layers.Layer) for layer in layers
+    ):
+        raise ValueError(
+            f"{name} must be a list of Keras layers or models. Received: "
+            f"{name}={layers!r}"
+        )
+    if len(layers) < min_count:
+        raise ValueError(
+            f"{name} must hold at least {min_count} layers. Received: "
+            f"len({name})={len(layers)}"
+        )
+    return list(layers)

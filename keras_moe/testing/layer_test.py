@@ -20,13 +20,35 @@ def _to_numpy(tree):
     return keras.tree.map_structure(keras.ops.convert_to_numpy, tree)
 
 
+def _is_shape(value):
+    return isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, (int, np.integer)) for v in value
+    )
+
+
 def _shapes(tree):
-    """A tensor, a shape tuple, or a dict of either -> comparable shapes."""
+    """A tensor, a shape tuple, or a dict/list of either -> comparable shapes."""
     if isinstance(tree, dict):
         return {key: _shapes(value) for key, value in tree.items()}
     if hasattr(tree, "shape"):
         return tuple(tree.shape)
+    if isinstance(tree, (list, tuple)) and not _is_shape(tree):
+        return [_shapes(value) for value in tree]
     return tuple(tree)
+
+
+def _as_list(outputs):
+    """The output tensors of a layer (one tensor or a list/tuple of them)."""
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _assert_output_shapes(outputs, expected):
+    """`expected` is one shape for one tensor or a list of shapes."""
+    got = _shapes(outputs)
+    if isinstance(got, list):
+        assert got == [tuple(s) for s in expected], (got, expected)
+    else:
+        assert got == tuple(expected), (got, expected)
 
 
 def assert_all_finite(tree, what="outputs"):
@@ -88,11 +110,17 @@ def run_layer_test(
        finite and the trainable weights move.
     6. `.keras` save -> load gives identical predictions.
 
+    Layers with several inputs (a list of arrays) or several outputs (a list
+    of tensors, e.g. one per task) are supported: the functional model gets
+    the list of inputs and outputs and `fit` trains every output with MSE.
+
     Args:
         layer_cls: the layer class.
         init_kwargs: constructor arguments; use non-default values.
-        input_data: a NumPy array whose first axis is the batch axis.
-        expected_output_shape: the full output shape for `input_data`.
+        input_data: a NumPy array whose first axis is the batch axis, or a
+            list of such arrays for a layer called on a list of tensors.
+        expected_output_shape: the full output shape for `input_data` (a
+            list of shapes for a layer that returns a list).
         expected_num_trainable_weights / expected_num_non_trainable_weights:
             counts after `build`, when given.
         output_selector: maps the layer's output structure to the one tensor
@@ -101,8 +129,14 @@ def run_layer_test(
         atol: tolerance of the save/load comparison.
     """
     select = output_selector or (lambda outputs: outputs)
-    input_data = np.asarray(input_data)
-    input_shape = input_data.shape
+    if isinstance(input_data, (list, tuple)):
+        input_data = [np.asarray(x) for x in input_data]
+        input_shape = [x.shape for x in input_data]
+        batch_size = input_data[0].shape[0]
+    else:
+        input_data = np.asarray(input_data)
+        input_shape = input_data.shape
+        batch_size = input_shape[0]
 
     # 1. Config.
     check_config_round_trip(layer_cls, init_kwargs)
@@ -122,29 +156,37 @@ def run_layer_test(
 
     # 3. Symbolic call.
     layer = layer_cls(**init_kwargs)
-    inputs = keras.Input(batch_shape=input_shape, dtype=str(input_data.dtype))
+    if isinstance(input_data, list):
+        inputs = [
+            keras.Input(batch_shape=x.shape, dtype=str(x.dtype)) for x in input_data
+        ]
+    else:
+        inputs = keras.Input(batch_shape=input_shape, dtype=str(input_data.dtype))
     symbolic = layer(inputs)
     assert _shapes(symbolic) == _shapes(layer.compute_output_shape(input_shape))
     if expected_output_shape is not None:
-        assert tuple(select(symbolic).shape) == tuple(expected_output_shape)
+        _assert_output_shapes(select(symbolic), expected_output_shape)
 
     # 4. Eager call.
     eager = layer(input_data)
     assert_all_finite(eager)
     if expected_output_shape is not None:
-        assert tuple(select(eager).shape) == tuple(expected_output_shape)
+        _assert_output_shapes(select(eager), expected_output_shape)
 
     # 5. fit.
     model = keras.Model(inputs, select(symbolic))
     if run_fit:
-        target = np.random.default_rng(0).normal(
-            size=tuple(select(symbolic).shape)
-        ).astype("float32")
+        rng = np.random.default_rng(0)
+        targets = [
+            rng.normal(size=tuple(out.shape)).astype("float32")
+            for out in _as_list(select(symbolic))
+        ]
+        target = targets if isinstance(select(symbolic), (list, tuple)) else targets[0]
         before = [np.array(w.numpy()) for w in model.trainable_weights]
         assert before, "the layer has no trainable weights; pass run_fit=False"
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
         history = model.fit(
-            input_data, target, batch_size=input_shape[0], epochs=1, verbose=0
+            input_data, target, batch_size=batch_size, epochs=1, verbose=0
         )
         assert np.isfinite(history.history["loss"][0])
         after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
@@ -152,13 +194,16 @@ def run_layer_test(
         assert any(moved), "fit did not change any trainable weight"
 
     # 6. Save and load.
-    expected = model.predict(input_data, batch_size=input_shape[0], verbose=0)
+    expected = model.predict(input_data, batch_size=batch_size, verbose=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         loaded = keras.saving.load_model(path)
-    got = loaded.predict(input_data, batch_size=input_shape[0], verbose=0)
-    np.testing.assert_allclose(
-        np.asarray(got, "float32"), np.asarray(expected, "float32"), atol=atol, rtol=0
-    )
+    got = loaded.predict(input_data, batch_size=batch_size, verbose=0)
+    expected, got = _as_list(expected), _as_list(got)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(
+            np.asarray(a, "float32"), np.asarray(b, "float32"), atol=atol, rtol=0
+        )
     return model

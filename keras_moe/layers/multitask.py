@@ -1,0 +1,1113 @@
+"""Multi-task mixtures of experts: MMoE (with dense or sparse gates), CGC and
+PLE.
+
+One shared input, `T` task outputs. The experts are shared (MMoE) or split
+into per-task and shared groups (CGC, PLE); every task mixes them with its
+own gate. Every layer keeps per-task expert-usage telemetry in non-trainable
+variables, updated on every call (also inside compiled `fit`/`predict`), read
+with `routing_stats()` or logged with `keras_moe.callbacks.RoutingMetrics`.
+"""
+
+import keras
+from keras import ops
+
+from keras_moe.layers import _validation as check
+from keras_moe.layers.experts import Experts, expert_options_config
+from keras_moe.layers.experts import per_expert_initializer
+from keras_moe.layers.routers import TopKRouter, default_router_initializer
+from keras_moe.ops import dispatching as dispatch_ops
+from keras_moe.ops import selection
+
+
+def _initializer(value):
+    return keras.initializers.get(value or default_router_initializer())
+
+
+def _fresh_initializer(initializer, offset):
+    """A new instance of `initializer` for the `offset`-th of several
+    weights: Keras initializers reuse their seed, so one instance would
+    give same-shaped weights (e.g. the gates of two tasks) equal values. A
+    seeded initializer gets `seed + offset`."""
+    config = keras.initializers.serialize(initializer)
+    inner = config.get("config") if isinstance(config, dict) else None
+    seed = inner.get("seed") if isinstance(inner, dict) else None
+    if offset and isinstance(seed, int):
+        config = dict(config, config=dict(inner, seed=seed + offset))
+    return keras.initializers.deserialize(config)
+
+
+def _entropy(probs, axis=-1):
+    """Mean entropy (nats) of distributions `probs` along `axis`."""
+    probs = ops.cast(probs, "float32")
+    return -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=axis))
+
+
+def _normalize_rows(mass):
+    """Rows of `mass` divided by their sums (rows of zeros stay zeros)."""
+    total = ops.sum(mass, axis=-1, keepdims=True)
+    return mass / ops.maximum(total, 1e-12)
+
+
+def _keep_top_k(gates, k):
+    """Zeroes all but the `k` largest gate weights of each row, renormalised."""
+    n = gates.shape[-1]
+    if k is None or k >= n:
+        return gates
+    _, index = selection.top_k(gates, k)
+    mask = ops.sum(ops.one_hot(index, n, dtype=gates.dtype), axis=-2)
+    return _normalize_rows(gates * mask)
+
+
+def _stat(layer, name, shape):
+    # autocast=False: under a mixed policy, torch would otherwise assign into
+    # a bfloat16 copy of the variable and the statistics would stay zero.
+    return layer.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        trainable=False,
+        autocast=False,
+    )
+
+
+def _stats_to_numpy(layer, names):
+    stats = {
+        name: ops.convert_to_numpy(getattr(layer, name)) for name in names
+    }
+    for name, value in stats.items():
+        if value.ndim == 0:
+            stats[name] = float(value)
+    return stats
+
+
+def _flat_tokens(x, d):
+    return ops.reshape(x, (-1, d))
+
+
+def _check_last_dim(layer, shape, expected):
+    if shape[-1] != expected:
+        raise ValueError(
+            f"{layer.name}: the last input dimension must be {expected}, as "
+            f"when the layer was built. Received: input shape {tuple(shape)}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MultiGateMoE(keras.layers.Layer):
+    """Multi-gate Mixture-of-Experts (MMoE): shared experts, one gate per task,
+    with dense softmax gates or sparse, capacity-based top-k gates.
+
+    `E` experts `f_1..f_E` (two-layer MLPs, one `Experts` bank) are shared by
+    `T` tasks; task `t` mixes them with its own gate:
+
+    `y_t(x) = sum_e g_t(x)_e f_e(x)`
+
+    - `k=None` (Ma et al. 2018): dense gates `g_t(x) = softmax(x W_t + b_t)`.
+      Every expert runs on every token once; the `T` gates are applied with
+      one einsum.
+    - `k=int`: sparse gates. Task `t` has a `TopKRouter(E, k)`;
+      `g_t(x)` is non-zero on its top-`k` experts only (renormalised). The
+      `T` tasks' (token, choice) pairs are dispatched together, as `T N`
+      pseudo-tokens of one capacity-based dispatch plan (token-major, so no
+      task is favoured when an expert overflows): the expert bank runs once
+      on `(E, C, d)` buffers with `C = ceil(k T N / E * capacity_factor)`,
+      compute proportional to `k T`, not `E`. Pairs beyond an expert's
+      capacity are dropped (`capacity_factor` in training,
+      `eval_capacity_factor` at inference; `None` = dropless). The routers
+      add their load-balancing loss in training.
+    - `routers=[r_1, ..., r_T]`: any keras_moe router per task
+      (`TopKRouter`, `DSelectKRouter`, `ExpertChoiceRouter`,
+      `BalancedAssignmentRouter`, ...). Routers that place tokens themselves
+      (expert choice) get a capacity `C_t = ceil(k_t N / E * cf)` of every
+      expert's buffer each; so do all tasks when their routers' `k` differ.
+
+    Telemetry of the last call (non-trainable float32 variables):
+    `task_expert_usage` `(T, E)`, the share of task `t`'s gate mass going to
+    expert `e` (rows sum to 1; kept pairs only for sparse gates),
+    `expert_load` `(E,)` (mean of the rows for dense gates, share of the
+    routed pairs for sparse ones), `dropped_fraction` (0 for dense gates),
+    `router_entropy` (mean entropy of the gates) and `load_balance_loss`
+    (mean over the routers that report it, sparse gates only).
+
+    Args:
+        num_tasks: `T >= 1`.
+        num_experts: `E`.
+        hidden_dim: hidden width of each expert.
+        output_dim: output width of the experts (and of every task output);
+            defaults to the input width.
+        k: `None` for dense softmax gates, or the number of experts per
+            token and task (sparse gates with default `TopKRouter`s).
+        routers: a list of `T` router layers (instead of `k`).
+        capacity_factor: training capacity factor (> 0) or `None`.
+        eval_capacity_factor: inference capacity factor or `None`
+            (default: dropless; then every expert's buffer has `T N` rows,
+            the expert compute of dense gates: pass e.g. 2.0 for sparse
+            compute at inference).
+        load_balance_weight: weight of the Switch load-balancing loss of the
+            default sparse routers (ignored for dense gates and `routers`).
+        activation, gated, use_bias, kernel_initializer, bias_initializer,
+        kernel_regularizer, bias_regularizer: expert options (`Experts`).
+        gate_kernel_initializer: initializer of the gate kernels (dense
+            gates and default routers). Default: Switch's router init
+            (truncated normal, 0.1 x LeCun scale), so gates start nearly
+            uniform and every expert gets gradient.
+        task_names: `T` distinct names used in telemetry (default
+            `task_0, ...`).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `(..., d)`, rank >= 2, e.g. `(B, d)`.
+        training: training mode (capacity factor, auxiliary losses).
+        return_routing: also return a dict with the gates `(T, N, E)`
+            (`N` tokens), `task_expert_usage`, `expert_load`,
+            `dropped_fraction`, and for sparse gates `expert_index`,
+            `combine_weights`, `keep`, `position` `(T, N, k)`, `probs`
+            `(T, N, E)` and `capacity`.
+
+    Returns:
+        A list of `T` tensors `(..., output_dim or d)`, or
+        `(outputs, routing)` with `return_routing=True`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> mmoe = MultiGateMoE(num_tasks=2, num_experts=4, hidden_dim=16)
+    >>> ys = mmoe(np.random.rand(8, 10).astype("float32"))
+    >>> [tuple(y.shape) for y in ys]
+    [(8, 10), (8, 10)]
+    >>> sparse = MultiGateMoE(2, 8, 16, output_dim=4, k=2, task_names=["ctr", "cvr"])
+    >>> ys = sparse(np.random.rand(8, 10).astype("float32"))
+    >>> sparse.routing_stats()["task_expert_usage"].shape
+    (2, 8)
+
+    References:
+        Ma, Zhao, Yi, Chen, Hong, Chi. Modeling Task Relationships in
+        Multi-task Learning with Multi-gate Mixture-of-Experts (KDD 2018).
+        Shazeer et al. Outrageously Large Neural Networks (2017).
+        Fedus, Zoph, Shazeer. Switch Transformers (2021).
+    """
+
+    def __init__(
+        self,
+        num_tasks,
+        num_experts,
+        hidden_dim,
+        output_dim=None,
+        k=None,
+        routers=None,
+        capacity_factor=1.25,
+        eval_capacity_factor=None,
+        load_balance_weight=0.01,
+        activation="relu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        gate_kernel_initializer=None,
+        task_names=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.output_dim = (
+            None if output_dim is None else check.positive_int("output_dim", output_dim)
+        )
+        self.capacity_factor = check.capacity_factor("capacity_factor", capacity_factor)
+        self.eval_capacity_factor = check.capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.load_balance_weight = check.non_negative_float(
+            "load_balance_weight", load_balance_weight
+        )
+        self.gate_kernel_initializer = _initializer(gate_kernel_initializer)
+        self.task_names = check.task_names(task_names, self.num_tasks)
+        self.k = None if k is None else check.k_for_experts(k, self.num_experts)
+        self.custom_routers = routers is not None
+        if routers is not None:
+            if not isinstance(routers, (list, tuple)):
+                raise ValueError(
+                    "routers must be a list of router layers, one per task. "
+                    f"Received: routers={routers!r}"
+                )
+            routers = [
+                keras.saving.deserialize_keras_object(r) if isinstance(r, dict) else r
+                for r in routers
+            ]
+            if len(routers) != self.num_tasks:
+                raise ValueError(
+                    "routers must have one router per task. Received: "
+                    f"len(routers)={len(routers)}, num_tasks={self.num_tasks}"
+                )
+            for router in routers:
+                check.router_layer(router, self.num_experts)
+                if self.k is not None and router.k != self.k:
+                    raise ValueError(
+                        "k must match every router's k (or be None when "
+                        f"routers are given). Received: k={self.k}, "
+                        f"router.k={router.k} ({router.name})"
+                    )
+        elif self.k is not None:
+            routers = [
+                TopKRouter(
+                    num_experts=self.num_experts,
+                    k=self.k,
+                    load_balance_weight=self.load_balance_weight,
+                    kernel_initializer=_fresh_initializer(
+                        self.gate_kernel_initializer, t
+                    ),
+                    name=f"router_{t}",
+                )
+                for t in range(self.num_tasks)
+            ]
+        self.routers = routers
+        self.sparse = routers is not None
+        self.experts = Experts(
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+
+    def build(self, input_shape):
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        d = input_shape[-1]
+        t, e = self.num_tasks, self.num_experts
+        self.experts.build((e, None, d))
+        if self.sparse:
+            for router in self.routers:
+                if not router.built:  # a router revived from a config is built
+                    router.build((None, d))
+            self.gate_kernel = self.gate_bias = None
+        else:
+            # One stacked kernel for the T gates; each gate gets the fans of
+            # a Dense(E) layer on d inputs.
+            self.gate_kernel = self.add_weight(
+                name="gate_kernel",
+                shape=(t, d, e),
+                initializer=per_expert_initializer(self.gate_kernel_initializer, t),
+            )
+            self.gate_bias = self.add_weight(
+                name="gate_bias", shape=(t, e), initializer="zeros"
+            )
+        self.task_expert_usage = _stat(self, "task_expert_usage", (t, e))
+        self.expert_load = _stat(self, "expert_load", (e,))
+        self.dropped_fraction = _stat(self, "dropped_fraction", ())
+        self.router_entropy = _stat(self, "router_entropy", ())
+        self.load_balance_loss = (
+            _stat(self, "load_balance_loss", ()) if self.sparse else None
+        )
+
+    # Dense gates ---------------------------------------------------------
+
+    def _dense(self, tokens):
+        num_tokens = ops.shape(tokens)[0]
+        logits = ops.einsum("nd,tde->tne", tokens, self.gate_kernel)
+        logits = logits + self.gate_bias[:, None, :]
+        gates = ops.softmax(ops.cast(logits, "float32"), axis=-1)  # (T, N, E)
+        everything = ops.broadcast_to(
+            tokens[None], (self.num_experts, num_tokens, ops.shape(tokens)[-1])
+        )
+        expert_outputs = self.experts(everything)  # (E, N, o)
+        outputs = ops.einsum(
+            "tne,eno->tno", ops.cast(gates, expert_outputs.dtype), expert_outputs
+        )
+        usage = ops.mean(gates, axis=1)  # (T, E), rows sum to 1
+        routing = {
+            "gates": gates,
+            "task_expert_usage": usage,
+            "expert_load": ops.mean(usage, axis=0),
+            "dropped_fraction": ops.zeros((), "float32"),
+            "entropy": _entropy(gates),
+        }
+        return outputs, routing
+
+    # Sparse gates --------------------------------------------------------
+
+    def _sparse(self, tokens, training):
+        num_tokens = ops.shape(tokens)[0]
+        t_count, e = self.num_tasks, self.num_experts
+        capacity_factor = (
+            self.capacity_factor if training else self.eval_capacity_factor
+        )
+        routings = []
+        for router in self.routers:
+            kwargs = {"training": training}
+            if getattr(router, "assigns_positions", False):
+                kwargs["capacity"] = dispatch_ops.compute_capacity(
+                    num_tokens, e, router.k, capacity_factor
+                )
+            routings.append(router(tokens, **kwargs))
+        widths = [r["expert_index"].shape[-1] for r in routings]
+        joint = len(set(widths)) == 1 and not any("position" in r for r in routings)
+
+        def stack(values):  # T x (N, ...) -> (N T, ...), token-major
+            stacked = ops.stack(values, axis=1)
+            return ops.reshape(stacked, (-1,) + tuple(stacked.shape[2:]))
+
+        if joint:
+            # All pairs compete for one capacity, token-major.
+            k = widths[0]
+            capacity = dispatch_ops.compute_capacity(
+                num_tokens * t_count, e, k, capacity_factor
+            )
+            priorities = [r.get("priority") for r in routings]
+            priority = (
+                stack([ops.cast(p, "float32") for p in priorities])
+                if all(p is not None for p in priorities)
+                else None
+            )
+            plan = dispatch_ops.make_dispatch_plan(
+                stack([r["expert_index"] for r in routings]),
+                e,
+                capacity,
+                priority=priority,
+            )
+            selected = None
+        else:
+            # Each task gets its own block of every expert's buffer.
+            k = max(widths)
+            indices, positions, keeps, chosen = [], [], [], []
+            capacity = 0
+            for router, routing, width in zip(self.routers, routings, widths):
+                cap = dispatch_ops.compute_capacity(
+                    num_tokens, e, router.k, capacity_factor
+                )
+                index = ops.cast(routing["expert_index"], "int32")
+                if "position" in routing:
+                    position = ops.cast(routing["position"], "int32")
+                    keep = routing.get("keep")
+                    keep = (
+                        ops.ones_like(index) > 0 if keep is None else keep
+                    )
+                    picked = keep
+                    keep = ops.logical_and(keep, position < cap)
+                else:
+                    own = dispatch_ops.make_dispatch_plan(
+                        index, e, cap, priority=routing.get("priority")
+                    )
+                    position, keep = own["position"], own["keep"]
+                    picked = ops.ones_like(index) > 0
+                position = position + capacity
+                if width < k:
+                    pad = ((0, 0), (0, k - width))
+                    index = ops.pad(index, pad)
+                    position = ops.pad(position, pad)
+                    keep = ops.pad(ops.cast(keep, "int32"), pad) > 0
+                    picked = ops.pad(ops.cast(picked, "int32"), pad) > 0
+                indices.append(index)
+                positions.append(position)
+                keeps.append(keep)
+                chosen.append(picked)
+                capacity = capacity + cap
+            plan = dispatch_ops.plan_from_positions(
+                stack(indices), stack(positions), e, capacity, keep=stack(keeps)
+            )
+            selected = stack(chosen)
+
+        def padded_weights(routing):
+            w = routing["combine_weights"]
+            width = w.shape[-1]
+            return w if width == k else ops.pad(w, ((0, 0), (0, k - width)))
+
+        weights = stack([padded_weights(r) for r in routings])  # (N T, k)
+        real_plan = self._pseudo_token_plan(plan, num_tokens)
+        buffers = dispatch_ops.dispatch(tokens, real_plan)
+        combined = dispatch_ops.combine(self.experts(buffers), plan, weights)
+        outputs = ops.transpose(
+            ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1])),
+            (1, 0, 2),
+        )  # (T, N, o)
+
+        gates = ops.reshape(
+            dispatch_ops.dense_gates(plan, weights), (num_tokens, t_count, e)
+        )
+        gates = ops.transpose(gates, (1, 0, 2))  # (T, N, E), kept pairs only
+        usage = _normalize_rows(ops.sum(gates, axis=1))
+        routed, kept = dispatch_ops.expert_counts(plan, selected=selected)
+        total = ops.maximum(ops.sum(routed), 1.0)
+
+        def per_task(x):  # (N T, ...) -> (T, N, ...)
+            x = ops.reshape(x, (num_tokens, t_count) + tuple(x.shape[1:]))
+            return ops.moveaxis(x, 1, 0)
+
+        balance = [r["load_balance_loss"] for r in routings if "load_balance_loss" in r]
+        routing = {
+            "gates": gates,
+            "task_expert_usage": usage,
+            "expert_load": routed / total,
+            "dropped_fraction": 1.0 - ops.sum(kept) / total,
+            "entropy": ops.mean(
+                ops.stack([_entropy(r["probs"]) for r in routings])
+            ),
+            "load_balance_loss": (
+                ops.mean(ops.stack([ops.cast(b, "float32") for b in balance]))
+                if balance
+                else ops.zeros((), "float32")
+            ),
+            "expert_index": per_task(plan["expert_index"]),
+            "combine_weights": per_task(weights),
+            "keep": per_task(plan["keep"]),
+            "position": per_task(plan["position"]),
+            "probs": ops.stack([r["probs"] for r in routings]),
+            "capacity": plan["capacity"],
+        }
+        return outputs, routing
+
+    def _pseudo_token_plan(self, plan, num_tokens):
+        """The plan of the `T N` pseudo-tokens as a plan of the `N` real
+        tokens: pseudo-token `n T + t` is token `n`, and the empty-row marker
+        `T N` becomes `N`. So `dispatch` gathers straight from the tokens."""
+        return dispatch_ops.DispatchPlan(
+            plan,
+            slot_token=plan["slot_token"] // self.num_tasks,
+            num_tokens=num_tokens,
+        )
+
+    def call(self, inputs, training=None, return_routing=False):
+        shape = ops.shape(inputs)
+        check.token_input_shape(type(self).__name__, tuple(inputs.shape))
+        _check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
+        tokens = _flat_tokens(inputs, shape[-1])
+        if self.sparse:
+            outputs, routing = self._sparse(tokens, training)
+        else:
+            outputs, routing = self._dense(tokens)
+        sg = ops.stop_gradient
+        for name in ("task_expert_usage", "expert_load", "dropped_fraction"):
+            getattr(self, name).assign(sg(ops.cast(routing[name], "float32")))
+        self.router_entropy.assign(sg(routing.pop("entropy")))
+        if self.sparse:
+            self.load_balance_loss.assign(sg(routing.pop("load_balance_loss")))
+        lead = tuple(shape[:-1])
+        results = [
+            ops.reshape(outputs[t], lead + (ops.shape(outputs)[-1],))
+            for t in range(self.num_tasks)
+        ]
+        if return_routing:
+            return results, routing
+        return results
+
+    def routing_stats(self):
+        """The routing statistics of the last call, as NumPy values:
+        `task_expert_usage` `(T, E)`, `expert_load` `(E,)`,
+        `dropped_fraction`, `router_entropy`, `task_names` and, for sparse
+        gates, `load_balance_loss`."""
+        names = [
+            "task_expert_usage",
+            "expert_load",
+            "dropped_fraction",
+            "router_entropy",
+        ]
+        if self.sparse:
+            names.append("load_balance_loss")
+        stats = _stats_to_numpy(self, names)
+        stats["task_names"] = list(self.task_names)
+        return stats
+
+    def compute_output_shape(self, input_shape):
+        input_shape = check.token_input_shape(type(self).__name__, input_shape)
+        shape = input_shape[:-1] + (self.output_dim or input_shape[-1],)
+        return [shape for _ in range(self.num_tasks)]
+
+    def compute_output_spec(self, inputs, training=None, return_routing=False):
+        if return_routing:
+            return super(keras.layers.Layer, self).compute_output_spec(
+                inputs, training=training, return_routing=True
+            )
+        return [
+            keras.KerasTensor(shape, dtype=self.compute_dtype)
+            for shape in self.compute_output_shape(inputs.shape)
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_tasks=self.num_tasks,
+            num_experts=self.num_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            k=self.k,
+            routers=(
+                [keras.saving.serialize_keras_object(r) for r in self.routers]
+                if self.custom_routers
+                else None
+            ),
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            load_balance_weight=self.load_balance_weight,
+            **expert_options_config(self.experts),
+            gate_kernel_initializer=keras.initializers.serialize(
+                self.gate_kernel_initializer
+            ),
+            task_names=list(self.task_names),
+        )
+        return config
+
+
+def _is_shape_list(shape):
+    """A list of shapes (list inputs) rather than one shape."""
+    return (
+        isinstance(shape, (list, tuple))
+        and len(shape) > 0
+        and all(isinstance(s, (list, tuple)) for s in shape)
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class CGC(keras.layers.Layer):
+    """Customized Gate Control: task-specific and shared experts, one gate per
+    task (one level of PLE).
+
+    `T` tasks, each with `m_t` own experts, and `m_s` shared experts. Task
+    `t` reads its input `x_t` (or the common input); its gate mixes its own
+    experts and the shared ones only:
+
+    `y_t = sum_{e in E_t u S} g_t(x_t)_e f_e(x_e)`,
+    `g_t(x_t) = softmax(x_t W_t + b_t)` over the `m_t + m_s` experts of
+    `E_t u S`, where expert `f_e` reads its owner's input (`x_t` for task
+    experts of task `t`, the shared input `x_s` for shared experts).
+
+    With `shared_output=True` there is also a shared gate over ALL
+    `T m_t + m_s` experts, computed from the shared input:
+    `y_s = sum_e g_s(x_s)_e f_e(x_e)`, the shared input of the next level.
+    The outputs `[y_1, ..., y_T, y_s]` of one level are the inputs of the
+    next one (see `PLE`).
+
+    With `k`, each gate keeps only its `k` largest weights, renormalised
+    (all experts are still computed: the layer is small).
+
+    Expert index order (telemetry columns): the task experts of task 0,
+    of task 1, ..., then the shared experts.
+
+    Args:
+        num_tasks: `T >= 1`.
+        num_task_experts: `m_t >= 0`, experts per task.
+        num_shared_experts: `m_s >= 0`; `m_t + m_s >= 1`.
+        hidden_dim: hidden width of each expert.
+        output_dim: output width; defaults to the input width.
+        shared_output: also output the shared mixture (last element).
+        k: `None` (dense gates) or the number of gate weights kept,
+            `k <= m_t + m_s`.
+        activation, gated, use_bias, kernel_initializer, bias_initializer,
+        kernel_regularizer, bias_regularizer: expert options (`Experts`).
+        gate_kernel_initializer: initializer of the gate kernels (default:
+            Switch's router init, near-uniform gates at the start).
+        task_names: `T` distinct names used in telemetry.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: one tensor `(..., d)` read by every branch, or a list of
+            `T + 1` tensors `[x_1, ..., x_T, x_s]` of the same shape.
+        training: unused (no auxiliary loss), for API symmetry.
+        return_routing: also return a dict with `task_gates`
+            `(T, N, m_t + m_s)`, `shared_gates` `(N, E_total)` (with
+            `shared_output`), `task_expert_usage`, `expert_load`.
+
+    Returns:
+        A list of `T` tensors `(..., output_dim or d)`, plus the shared
+        output as a last element with `shared_output=True`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> cgc = CGC(num_tasks=2, num_task_experts=2, num_shared_experts=1,
+    ...           hidden_dim=16, output_dim=8, shared_output=True)
+    >>> ys = cgc(np.random.rand(4, 10).astype("float32"))
+    >>> [tuple(y.shape) for y in ys]
+    [(4, 8), (4, 8), (4, 8)]
+    >>> cgc.routing_stats()["task_expert_usage"].shape  # (T + 1, 2 * 2 + 1)
+    (3, 5)
+
+    References:
+        Tang, Liu, Zhao, Gong. Progressive Layered Extraction (PLE): A Novel
+        Multi-Task Learning (MTL) Model for Personalized Recommendations
+        (RecSys 2020).
+    """
+
+    def __init__(
+        self,
+        num_tasks,
+        num_task_experts,
+        num_shared_experts,
+        hidden_dim,
+        output_dim=None,
+        shared_output=False,
+        k=None,
+        activation="relu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        gate_kernel_initializer=None,
+        task_names=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_task_experts = check.non_negative_int(
+            "num_task_experts", num_task_experts
+        )
+        self.num_shared_experts = check.non_negative_int(
+            "num_shared_experts", num_shared_experts
+        )
+        per_gate = self.num_task_experts + self.num_shared_experts
+        if per_gate == 0:
+            raise ValueError(
+                "A task needs at least one expert. Received: num_task_experts=0, "
+                "num_shared_experts=0"
+            )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.output_dim = (
+            None if output_dim is None else check.positive_int("output_dim", output_dim)
+        )
+        self.shared_output = bool(shared_output)
+        if k is not None:
+            k = check.positive_int("k", k)
+            if k > per_gate:
+                raise ValueError(
+                    "k must be <= the experts of one task gate, "
+                    "num_task_experts + num_shared_experts. Received: "
+                    f"k={k}, num_task_experts={self.num_task_experts}, "
+                    f"num_shared_experts={self.num_shared_experts}"
+                )
+        self.k = k
+        self.gate_kernel_initializer = _initializer(gate_kernel_initializer)
+        self.task_names = check.task_names(task_names, self.num_tasks)
+        self.total_experts = self.num_tasks * self.num_task_experts + (
+            self.num_shared_experts
+        )
+        self.expert_options = dict(
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            dtype=self.dtype_policy,
+        )
+        self.task_experts = (
+            Experts(
+                self.num_tasks * self.num_task_experts,
+                name="task_experts",
+                **self.expert_options,
+            )
+            if self.num_task_experts
+            else None
+        )
+        self.shared_experts = (
+            Experts(
+                self.num_shared_experts, name="shared_experts", **self.expert_options
+            )
+            if self.num_shared_experts
+            else None
+        )
+
+    def _input_dim(self, input_shape):
+        name = type(self).__name__
+        if _is_shape_list(input_shape):
+            shapes = [check.token_input_shape(name, s) for s in input_shape]
+            if len(shapes) != self.num_tasks + 1:
+                raise ValueError(
+                    f"{name} takes one tensor or a list of num_tasks + 1 "
+                    "tensors [task_1, ..., task_T, shared]. Received: a list "
+                    f"of {len(shapes)} inputs, num_tasks={self.num_tasks}"
+                )
+            if len({tuple(s[1:]) for s in shapes}) != 1:
+                raise ValueError(
+                    f"{name}: all inputs must have the same shape apart from "
+                    f"the batch size. Received: input shapes {shapes}"
+                )
+            return shapes[-1]
+        return check.token_input_shape(name, input_shape)
+
+    def build(self, input_shape):
+        d = self._input_dim(input_shape)[-1]
+        t, m = self.num_tasks, self.num_task_experts
+        if self.task_experts is not None:
+            self.task_experts.build((t * m, None, d))
+        if self.shared_experts is not None:
+            self.shared_experts.build((self.num_shared_experts, None, d))
+        per_gate = m + self.num_shared_experts
+        self.task_gate_kernel = self.add_weight(
+            name="task_gate_kernel",
+            shape=(t, d, per_gate),
+            initializer=per_expert_initializer(self.gate_kernel_initializer, t),
+        )
+        self.task_gate_bias = self.add_weight(
+            name="task_gate_bias", shape=(t, per_gate), initializer="zeros"
+        )
+        if self.shared_output:
+            self.shared_gate_kernel = self.add_weight(
+                name="shared_gate_kernel",
+                shape=(d, self.total_experts),
+                initializer=_fresh_initializer(self.gate_kernel_initializer, 1),
+            )
+            self.shared_gate_bias = self.add_weight(
+                name="shared_gate_bias",
+                shape=(self.total_experts,),
+                initializer="zeros",
+            )
+        else:
+            self.shared_gate_kernel = self.shared_gate_bias = None
+        rows = t + int(self.shared_output)
+        self.task_expert_usage = _stat(
+            self, "task_expert_usage", (rows, self.total_experts)
+        )
+        self.expert_load = _stat(self, "expert_load", (self.total_experts,))
+        self.dropped_fraction = _stat(self, "dropped_fraction", ())
+        self.router_entropy = _stat(self, "router_entropy", ())
+
+    def _split_inputs(self, inputs):
+        if isinstance(inputs, (list, tuple)):
+            shapes = [tuple(x.shape) for x in inputs]
+            self._input_dim(shapes)  # validates
+            return list(inputs[:-1]), inputs[-1]
+        return None, inputs
+
+    def call(self, inputs, training=None, return_routing=False):
+        task_inputs, shared_input = self._split_inputs(inputs)
+        check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
+        expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
+        _check_last_dim(self, tuple(shared_input.shape), expected)
+        t, m, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
+        shape = ops.shape(shared_input)
+        d = shape[-1]
+        shared_tokens = _flat_tokens(shared_input, d)
+        num_tokens = ops.shape(shared_tokens)[0]
+        if task_inputs is None:
+            task_tokens = ops.broadcast_to(shared_tokens[None], (t, num_tokens, d))
+        else:
+            task_tokens = ops.stack([_flat_tokens(x, d) for x in task_inputs])
+
+        # Experts: task t's experts read task t's input, shared ones x_s.
+        candidates = []  # (T, m_t + m_s, N, o): the experts each task mixes
+        every = []  # (E_total, N, o) in telemetry order
+        if self.task_experts is not None:
+            task_out = self.task_experts(ops.repeat(task_tokens, m, axis=0))
+            every.append(task_out)
+            candidates.append(
+                ops.reshape(task_out, (t, m, num_tokens, ops.shape(task_out)[-1]))
+            )
+        if self.shared_experts is not None:
+            shared_out = self.shared_experts(
+                ops.broadcast_to(shared_tokens[None], (s, num_tokens, d))
+            )
+            every.append(shared_out)
+            candidates.append(
+                ops.broadcast_to(
+                    shared_out[None], (t,) + tuple(ops.shape(shared_out))
+                )
+            )
+        candidates = ops.concatenate(candidates, axis=1)
+        every = ops.concatenate(every, axis=0)
+
+        logits = ops.einsum("tnd,tde->tne", task_tokens, self.task_gate_kernel)
+        logits = logits + self.task_gate_bias[:, None, :]
+        task_gates = _keep_top_k(ops.softmax(ops.cast(logits, "float32")), self.k)
+        task_y = ops.einsum(
+            "tne,teno->tno", ops.cast(task_gates, candidates.dtype), candidates
+        )
+        lead = tuple(shape[:-1])
+        o = ops.shape(task_y)[-1]
+        outputs = [ops.reshape(task_y[i], lead + (o,)) for i in range(t)]
+
+        # Telemetry: each task's mean gate, placed at its experts' columns.
+        task_usage = ops.mean(task_gates, axis=1)  # (T, m_t + m_s)
+        columns = []
+        if m:
+            own = ops.eye(t, dtype="float32")[:, :, None] * task_usage[:, None, :m]
+            columns.append(ops.reshape(own, (t, t * m)))
+        if s:
+            columns.append(task_usage[:, m:])
+        usage = ops.concatenate(columns, axis=1)
+        entropy = _entropy(task_gates)
+        routing = {"task_gates": task_gates}
+        if self.shared_output:
+            shared_logits = ops.matmul(shared_tokens, self.shared_gate_kernel)
+            shared_logits = shared_logits + self.shared_gate_bias
+            shared_gates = _keep_top_k(
+                ops.softmax(ops.cast(shared_logits, "float32")), self.k
+            )
+            shared_y = ops.einsum(
+                "ne,eno->no", ops.cast(shared_gates, every.dtype), every
+            )
+            outputs.append(ops.reshape(shared_y, lead + (o,)))
+            usage = ops.concatenate(
+                [usage, ops.mean(shared_gates, axis=0)[None]], axis=0
+            )
+            entropy = (t * entropy + _entropy(shared_gates)) / (t + 1)
+            routing["shared_gates"] = shared_gates
+        expert_load = ops.mean(usage, axis=0)
+        sg = ops.stop_gradient
+        self.task_expert_usage.assign(sg(usage))
+        self.expert_load.assign(sg(expert_load))
+        self.router_entropy.assign(sg(entropy))
+        self.dropped_fraction.assign(ops.zeros((), "float32"))
+        if return_routing:
+            routing.update(task_expert_usage=usage, expert_load=expert_load)
+            return outputs, routing
+        return outputs
+
+    def routing_stats(self):
+        """The gate statistics of the last call, as NumPy values:
+        `task_expert_usage` `(T [+ 1], E_total)` (rows: tasks, then the
+        shared gate; columns: task 0's experts, task 1's, ..., shared),
+        `expert_load`, `dropped_fraction` (0), `router_entropy`,
+        `task_names` (with `"shared"` last when `shared_output`)."""
+        stats = _stats_to_numpy(
+            self,
+            ["task_expert_usage", "expert_load", "dropped_fraction", "router_entropy"],
+        )
+        stats["task_names"] = list(self.task_names) + (
+            ["shared"] if self.shared_output else []
+        )
+        return stats
+
+    def compute_output_shape(self, input_shape):
+        shape = self._input_dim(input_shape)
+        out = shape[:-1] + (self.output_dim or shape[-1],)
+        return [out for _ in range(self.num_tasks + int(self.shared_output))]
+
+    def compute_output_spec(self, inputs, training=None, return_routing=False):
+        if return_routing:
+            return super(keras.layers.Layer, self).compute_output_spec(
+                inputs, training=training, return_routing=True
+            )
+        if isinstance(inputs, (list, tuple)):
+            shape = [tuple(x.shape) for x in inputs]
+        else:
+            shape = tuple(inputs.shape)
+        return [
+            keras.KerasTensor(s, dtype=self.compute_dtype)
+            for s in self.compute_output_shape(shape)
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        options = (self.task_experts or self.shared_experts)
+        config.update(
+            num_tasks=self.num_tasks,
+            num_task_experts=self.num_task_experts,
+            num_shared_experts=self.num_shared_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            shared_output=self.shared_output,
+            k=self.k,
+            **expert_options_config(options),
+            gate_kernel_initializer=keras.initializers.serialize(
+                self.gate_kernel_initializer
+            ),
+            task_names=list(self.task_names),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class PLE(keras.layers.Layer):
+    """Progressive Layered Extraction: stacked CGC levels.
+
+    `L` levels of `CGC`. Level `l` reads the task inputs `x_t^{l-1}` and the
+    shared input `x_s^{l-1}` (all equal to the layer input at `l = 1`):
+
+    `x_t^l = sum_{e in E_t^l u S^l} g_t^l(x_t^{l-1})_e f_e^l(.)`,
+    `x_s^l = sum_{e in all experts of level l} g_s^l(x_s^{l-1})_e f_e^l(.)`
+
+    Task gates see only their task's experts and the shared ones; the shared
+    gate (every level but the last) sees all experts, so tasks exchange
+    information only through the shared path, progressively. The last level
+    has no shared gate and returns the `T` task outputs.
+
+    Per-level telemetry: `levels[l].routing_stats()`; `routing_stats()` is
+    that of the last level (plus `levels`, the list of all levels' stats).
+
+    Wiring of two tasks and two levels (`E_t`: task `t`'s experts, `S`:
+    shared experts):
+
+    ```
+    x --+--------------+--------------+
+        v              v              v
+     [E_1, S]       [E_2, S]     [E_1, E_2, S]      level 1 (shared_output)
+      gate_1         gate_2        gate_s
+        v              v              v
+       x_1            x_2            x_s
+        v              v              v
+     [E_1, S]       [E_2, S]                        level 2 (last)
+      gate_1         gate_2
+        v              v
+       y_1            y_2
+    ```
+
+    Args:
+        num_tasks: `T >= 1`.
+        num_levels: `L >= 1`.
+        num_task_experts: experts per task and level.
+        num_shared_experts: shared experts per level.
+        hidden_dim: expert hidden width (default 64): an int, or a list of
+            one per level.
+        output_dim: output width of every level's experts (None: the input
+            width): an int/None, or a list of one per level.
+        k: `None` (dense gates) or the number of gate weights each gate
+            keeps (see `CGC`).
+        activation, gated, use_bias, kernel_initializer, bias_initializer,
+        kernel_regularizer, bias_regularizer, gate_kernel_initializer:
+            passed to every `CGC` level.
+        task_names: `T` distinct names used in telemetry.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `(..., d)`, rank >= 2.
+        training: training mode.
+
+    Returns:
+        A list of `T` tensors `(..., output_dim of the last level or d)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ple = PLE(num_tasks=2, num_levels=2, num_task_experts=2,
+    ...           num_shared_experts=1, hidden_dim=16, output_dim=[12, 8])
+    >>> ys = ple(np.random.rand(4, 10).astype("float32"))
+    >>> [tuple(y.shape) for y in ys]
+    [(4, 8), (4, 8)]
+    >>> [level.routing_stats()["task_expert_usage"].shape for level in ple.levels]
+    [(3, 5), (2, 5)]
+
+    References:
+        Tang, Liu, Zhao, Gong. Progressive Layered Extraction (PLE): A Novel
+        Multi-Task Learning (MTL) Model for Personalized Recommendations
+        (RecSys 2020).
+    """
+
+    def __init__(
+        self,
+        num_tasks,
+        num_levels=2,
+        num_task_experts=1,
+        num_shared_experts=1,
+        hidden_dim=64,
+        output_dim=None,
+        k=None,
+        activation="relu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        gate_kernel_initializer=None,
+        task_names=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_levels = check.positive_int("num_levels", num_levels)
+        hidden = check.int_per_level("hidden_dim", hidden_dim, self.num_levels)
+        outs = check.int_per_level(
+            "output_dim", output_dim, self.num_levels, allow_none=True
+        )
+        self.hidden_dim = hidden if isinstance(hidden_dim, (list, tuple)) else hidden[0]
+        self.output_dim = outs if isinstance(output_dim, (list, tuple)) else outs[0]
+        self.task_names = check.task_names(task_names, self.num_tasks)
+        gate_init = _initializer(gate_kernel_initializer)
+        self.levels = [
+            CGC(
+                num_tasks=self.num_tasks,
+                num_task_experts=num_task_experts,
+                num_shared_experts=num_shared_experts,
+                hidden_dim=hidden[level],
+                output_dim=outs[level],
+                shared_output=level < self.num_levels - 1,
+                k=k,
+                activation=activation,
+                gated=gated,
+                use_bias=use_bias,
+                kernel_initializer=kernel_initializer,
+                bias_initializer=bias_initializer,
+                kernel_regularizer=kernel_regularizer,
+                bias_regularizer=bias_regularizer,
+                gate_kernel_initializer=_fresh_initializer(gate_init, level),
+                task_names=self.task_names,
+                dtype=self.dtype_policy,
+                name=f"{self.name}_level_{level}",
+            )
+            for level in range(self.num_levels)
+        ]
+        self.num_task_experts = self.levels[0].num_task_experts
+        self.num_shared_experts = self.levels[0].num_shared_experts
+        self.k = self.levels[0].k
+
+    def build(self, input_shape):
+        shape = check.token_input_shape(type(self).__name__, input_shape)
+        for level in self.levels:
+            level.build(shape)
+            shape = level.compute_output_shape(shape)
+
+    def call(self, inputs, training=None):
+        x = inputs
+        for level in self.levels:
+            x = level(x, training=training)
+        return x
+
+    def routing_stats(self):
+        """The last level's `CGC.routing_stats()`, plus `levels`: every
+        level's stats, first to last."""
+        levels = [level.routing_stats() for level in self.levels]
+        return dict(levels[-1], levels=levels)
+
+    def compute_output_shape(self, input_shape):
+        shape = check.token_input_shape(type(self).__name__, input_shape)
+        for level in self.levels:
+            shape = level.compute_output_shape(shape)
+        return shape
+
+    def compute_output_spec(self, inputs, training=None):
+        return [
+            keras.KerasTensor(s, dtype=self.compute_dtype)
+            for s in self.compute_output_shape(tuple(inputs.shape))
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        first = self.levels[0].get_config()
+        config.update(
+            num_tasks=self.num_tasks,
+            num_levels=self.num_levels,
+            num_task_experts=self.num_task_experts,
+            num_shared_experts=self.num_shared_experts,
+            hidden_dim=self.hidden_dim,
+            output_dim=self.output_dim,
+            k=self.k,
+            **{name: first[name] for name in _EXPERT_AND_GATE_OPTIONS},
+            task_names=list(self.task_names),
+        )
+        return config
+
+
+_EXPERT_AND_GATE_OPTIONS = (
+    "activation",
+    "gated",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "gate_kernel_initializer",
+)
