@@ -1,0 +1,480 @@
+"""MixtureOfExperts: a mixture whose experts are arbitrary Keras layers."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_moe.layers import _validation as check
+from keras_moe.layers.routers import default_router_initializer
+from keras_moe.ops import balancing, selection
+from keras_moe.ops import dispatching as dispatch_ops
+
+INTEGRATIONS = ("weighted_sum", "max", "attention")
+
+
+def _revive(obj):
+    """A layer, or the layer a serialized config (from `get_config`) holds."""
+    if isinstance(obj, dict):
+        return keras.saving.deserialize_keras_object(obj)
+    return obj
+
+
+def _prod(values):
+    return int(math.prod(values))
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MixtureOfExperts(keras.layers.Layer):
+    """Mixture of arbitrary Keras experts (layers or models, e.g. small CNNs)
+    with a learned gate, dense or top-k sparse, and three ways to integrate
+    the experts' outputs.
+
+    For an example `x` (any shape `(...)`, e.g. an image), experts
+    `f_1..f_E` that all map `x` to outputs `y_e = f_e(x)` of one shape, and
+    gate probabilities `p = softmax(g(x))` (`g`: by default a linear layer on
+    the flattened `x`), the layer mixes the outputs of a set `S` of experts
+    with weights `w`:
+
+    - `k=None` (dense mixture, Jacobs et al. 1991): every expert runs on
+      every example, `S = {1..E}`, `w_e = p_e`.
+    - `k` given (sparse, Shazeer et al. 2017): `S = top_k(p)`;
+      `w_e = p_e / sum_{j in S} p_j` for `k > 1` and `w_e = p_e` for `k = 1`
+      (Switch: a weight renormalised over one expert would be 1, and the
+      task loss would not reach the gate). Only the selected experts run on
+      an example: the `B` examples of a batch are flattened to `(B, D)`,
+      dispatched into static-shape `(E, C, D)` buffers with
+      `C = ceil(k B / E * capacity_factor)` (`keras_moe.ops.dispatch`),
+      buffer `e` is reshaped to `(C, ...)` and expert `e` is called on those
+      `C` examples only (so the expert compute is `~k * capacity_factor / E`
+      of the dense mixture's), and the outputs are gathered back. An example
+      that finds its expert's buffer full is dropped from that expert (the
+      pair contributes nothing); first choices are placed before second
+      choices, earlier examples first. `capacity_factor` applies in
+      training, `eval_capacity_factor` in inference; `None` is dropless
+      (`C = B`), so that a prediction never depends on the rest of its
+      batch.
+
+    Integration strategies (`integration=`), over the kept pairs of `S`:
+
+    - `"weighted_sum"`: `y = sum_{e in S} w_e y_e`.
+    - `"max"`: `y = max_{e in S} (w_e y_e)`, elementwise. Each output
+      element comes from one expert, scaled by its gate weight, so the task
+      loss trains the gate through the winning expert's weight
+      (`dy/dw_e = y_e` where `e` wins). A straight `max_e y_e` would give
+      the gate no gradient at all (only the balancing loss would move it,
+      and a dense mixture would not use the gate); the scaled max trains
+      the gate like the weighted sum does.
+    - `"attention"`: a query `q = W_q flat(x) + b_q` and keys
+      `K_e = W_k flat(y_e)` of width `a = attention_dim`, scores
+      `s_e = q . K_e / sqrt(a) + log w_e`, attention `alpha = softmax_{e in
+      S}(s)`, and `y = m * sum_{e in S} alpha_e y_e` with
+      `m = sum_{e in S} w_e` (1, except for `k = 1`, where `m = p_e`).
+      The attention looks at what the experts actually produced for this
+      input; the gate's log-weights are a prior on it, so the task loss
+      trains the gate here as well (without that term a dense mixture
+      would not use its gate, and a sparse one would move it only through
+      the balancing loss).
+
+    With `k = 1` there is one output per example, so the three strategies
+    coincide (`y = p_e y_e`); they differ for `k > 1` and dense mixtures.
+
+    In training (sparse or dense), `load_balance_weight * L` is added with
+    `add_loss`, where `L = E sum_e f_e P_e` is the Switch load-balancing loss
+    (`keras_moe.ops.load_balancing_loss`), `f_e` the share of the
+    (example, choice) pairs routed to expert `e` (for a dense mixture: of the
+    examples whose largest gate weight is `e`) and `P_e` the mean gate
+    probability; it is 1 for uniform routing and keeps the gate from
+    collapsing onto one expert. Routing statistics of the last call are kept
+    in non-trainable variables (`expert_load`: the share `f` of pairs per
+    expert, before the capacity cut; `dropped_fraction`;
+    `load_balance_loss`; `router_entropy`); read them with
+    `routing_stats()`, or log them during `fit` with
+    `keras_moe.callbacks.RoutingMetrics`.
+
+    Experts see zero-filled rows in the unused capacity slots of their
+    buffers, so layers that mix examples (`BatchNormalization` in training)
+    would count them; prefer per-example normalisation inside experts.
+
+    Args:
+        experts: a list of at least 2 Keras layers or models, each mapping a
+            batch `(B, ...)` of inputs to a batch `(B, ...out)` of outputs of
+            the same shape for every expert. They may be built or not.
+        integration: `"weighted_sum"` (default), `"max"` or `"attention"`.
+        k: `None` (default) for a dense mixture, or the number of experts
+            per example, `1 <= k <= E`, for sparse routing.
+        gate: `None` for a linear gate on the flattened input (a `Dense(E)`
+            layer with Switch's small initialisation, run in float32), or a
+            Keras layer mapping the input `(B, ...)` to `(B, E)` logits.
+        capacity_factor: training capacity factor (> 0) or `None`
+            (dropless); only with `k`. Default 1.25.
+        eval_capacity_factor: inference capacity factor (> 0) or `None`
+            (default: dropless); only with `k`.
+        load_balance_weight: weight of the load-balancing loss (default
+            0.01; 0 turns it off).
+        attention_dim: width `a` of the attention query and keys (default
+            32); used by `integration="attention"` only (and not for
+            `k = 1`, where the layer has no query and key weights).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `(B, ...)` with every non-batch dimension known.
+        training: training mode (capacity factor, balancing loss).
+        return_routing: also return a dict with `expert_index` `(B, |S|)`
+            int32 (the selected experts; every expert for a dense mixture),
+            `gate_weights` `(B, |S|)` (`w`), `probs` `(B, E)` (`p`), `keep`
+            `(B, |S|)` bool, `capacity`, `expert_load`, `dropped_fraction`,
+            `load_balance_loss` and, for attention, `attention_weights`
+            `(B, |S|)` (`m * alpha`).
+
+    Returns:
+        `(B, ...out)`, the experts' output shape, or `(outputs, routing)`
+        with `return_routing=True`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> experts = [keras.layers.Dense(3) for _ in range(4)]
+    >>> moe = MixtureOfExperts(experts, integration="attention", k=2)
+    >>> tuple(moe(np.random.rand(8, 5).astype("float32")).shape)
+    (8, 3)
+
+    References:
+        Jacobs, Jordan, Nowlan, Hinton. Adaptive Mixtures of Local Experts
+        (Neural Computation, 1991).
+        Shazeer et al. Outrageously Large Neural Networks: The
+        Sparsely-Gated Mixture-of-Experts Layer (2017).
+        Fedus, Zoph, Shazeer. Switch Transformers (2021).
+    """
+
+    def __init__(
+        self,
+        experts,
+        integration="weighted_sum",
+        k=None,
+        gate=None,
+        capacity_factor=1.25,
+        eval_capacity_factor=None,
+        load_balance_weight=0.01,
+        attention_dim=32,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(experts, (list, tuple)):
+            experts = [_revive(expert) for expert in experts]
+        self.experts = check.layer_list("experts", experts, 2)
+        self.num_experts = len(self.experts)
+        self.integration = check.one_of("integration", integration, INTEGRATIONS)
+        self.k = None if k is None else check.k_for_experts(k, self.num_experts)
+        self.capacity_factor = check.capacity_factor("capacity_factor", capacity_factor)
+        self.eval_capacity_factor = check.capacity_factor(
+            "eval_capacity_factor", eval_capacity_factor
+        )
+        self.load_balance_weight = check.non_negative_float(
+            "load_balance_weight", load_balance_weight
+        )
+        self.attention_dim = check.positive_int("attention_dim", attention_dim)
+        gate = _revive(gate)
+        self.custom_gate = gate is not None
+        if gate is None:
+            gate = keras.layers.Dense(
+                self.num_experts,
+                kernel_initializer=default_router_initializer(),
+                dtype="float32",
+                name="gate",
+            )
+        elif not isinstance(gate, keras.layers.Layer):
+            raise ValueError(
+                "gate must be None or a Keras layer mapping the inputs to "
+                f"(batch, num_experts) logits. Received: gate={gate!r}"
+            )
+        self.gate = gate
+        # With k = 1, attention over one output is 1: no query and keys.
+        if self.integration == "attention" and self.k != 1:
+            self.attention_query = keras.layers.Dense(
+                self.attention_dim, dtype=self.dtype_policy, name="attention_query"
+            )
+            self.attention_key = keras.layers.Dense(
+                self.attention_dim,
+                use_bias=False,
+                dtype=self.dtype_policy,
+                name="attention_key",
+            )
+        else:
+            self.attention_query = self.attention_key = None
+
+    # ------------------------------------------------------------------ build
+
+    def _check_input_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or any(d is None for d in input_shape[1:]):
+            raise ValueError(
+                f"{type(self).__name__} expects inputs (batch, ...) with every "
+                f"non-batch dimension known. Received: input_shape={input_shape}"
+            )
+        return input_shape
+
+    def _expert_output_shape(self, input_shape):
+        """Calls every expert symbolically; checks that their outputs agree.
+        Returns the common per-example output shape."""
+        spec = keras.KerasTensor((None,) + tuple(input_shape[1:]), dtype=self.compute_dtype)
+        shapes = []
+        for expert in self.experts:
+            out = expert(spec)
+            if not isinstance(out, keras.KerasTensor):
+                raise ValueError(
+                    "Each expert must return a single tensor. Received: "
+                    f"expert {expert.name!r} returns {out!r}"
+                )
+            shapes.append(tuple(out.shape))
+        inner = {shape[1:] for shape in shapes}
+        if len(inner) > 1:
+            raise ValueError(
+                "All experts must produce outputs of one shape. Received: "
+                "output shapes "
+                + ", ".join(
+                    f"{e.name}: {s}" for e, s in zip(self.experts, shapes)
+                )
+                + f" for input shape {tuple(input_shape)}"
+            )
+        shape = shapes[0]
+        if shape[0] is not None or any(d is None for d in shape[1:]) or len(shape) < 2:
+            raise ValueError(
+                "Each expert must map a batch (B, ...) to outputs (B, ...) "
+                "with known non-batch dimensions. Received: output shape "
+                f"{shape} for input shape {(None,) + tuple(input_shape[1:])}"
+            )
+        return shape[1:]
+
+    def build(self, input_shape):
+        input_shape = self._check_input_shape(input_shape)
+        self._input_inner = input_shape[1:]
+        self._input_dim = _prod(self._input_inner)
+        self._output_inner = self._expert_output_shape(input_shape)
+        self._output_dim = _prod(self._output_inner)
+        if self.custom_gate:
+            logits = self.gate(
+                keras.KerasTensor((None,) + self._input_inner, dtype=self.compute_dtype)
+            )
+            shape = tuple(getattr(logits, "shape", ()))
+            if len(shape) != 2 or shape[-1] != self.num_experts:
+                raise ValueError(
+                    "gate must map the inputs to (batch, num_experts) logits. "
+                    f"Received: gate output shape {shape}, "
+                    f"num_experts={self.num_experts}"
+                )
+        elif not self.gate.built:
+            self.gate.build((None, self._input_dim))
+        if self.attention_query is not None:
+            self.attention_query.build((None, self._input_dim))
+            self.attention_key.build((None, None, self._output_dim))
+
+        def stat(name, shape):
+            # autocast=False: under a mixed policy, torch's `assign` would
+            # write into an autocast copy (Keras 3.15) and the value be lost.
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+            )
+
+        self.expert_load = stat("expert_load", (self.num_experts,))
+        self.dropped_fraction = stat("dropped_fraction", ())
+        self.load_balance_loss = stat("load_balance_loss", ())
+        self.router_entropy = stat("router_entropy", ())
+
+    # ------------------------------------------------------------------- call
+
+    def _gate_probs(self, inputs, flat):
+        logits = self.gate(inputs if self.custom_gate else flat)
+        return ops.softmax(ops.cast(logits, "float32"), axis=-1)
+
+    def _dense_experts(self, inputs, probs):
+        """Every expert on every example: `(B, E, O)` outputs."""
+        outputs = [
+            ops.reshape(expert(inputs), (-1, self._output_dim))
+            for expert in self.experts
+        ]
+        gathered = ops.stack(outputs, axis=1)
+        keep = ops.ones_like(probs, dtype="bool")
+        index = ops.broadcast_to(
+            ops.arange(self.num_experts, dtype="int32")[None], ops.shape(probs)
+        )
+        top1 = ops.cast(ops.argmax(probs, axis=-1), "int32")[:, None]
+        routed = ops.sum(ops.one_hot(top1, self.num_experts, dtype="float32"), axis=(0, 1))
+        return gathered, probs, keep, index, top1, routed, routed, None
+
+    def _sparse_experts(self, flat, probs, num_examples, training):
+        """Each expert on its `C` dispatched examples only: `(E, C, O)`,
+        gathered back to `(B, k, O)` (zeros for dropped pairs)."""
+        capacity_factor = self.capacity_factor if training else self.eval_capacity_factor
+        capacity = dispatch_ops.compute_capacity(
+            num_examples, self.num_experts, self.k, capacity_factor
+        )
+        top, index = selection.top_k(probs, self.k)
+        if self.k > 1:
+            top = top / ops.sum(top, axis=-1, keepdims=True)
+        plan = dispatch_ops.make_dispatch_plan(index, self.num_experts, capacity)
+        buffers = dispatch_ops.dispatch(flat, plan)  # (E, C, D)
+        outputs = []
+        for e, expert in enumerate(self.experts):
+            examples = ops.reshape(buffers[e], (-1,) + self._input_inner)
+            outputs.append(ops.reshape(expert(examples), (-1, self._output_dim)))
+        expert_outputs = ops.stack(outputs, axis=0)  # (E, C, O)
+        if self.integration == "weighted_sum":
+            # The combine of keras_moe.ops: the gathered pairs are not needed.
+            mixed = dispatch_ops.combine(expert_outputs, plan, top)
+            gathered = None
+        else:
+            mixed = None
+            last = self.num_experts * plan["capacity"] - 1
+            gathered = ops.take(
+                ops.reshape(expert_outputs, (-1, self._output_dim)),
+                ops.minimum(plan["slot"], last),
+                axis=0,
+            )  # (B, k, O)
+            gathered = gathered * ops.cast(plan["keep"], gathered.dtype)[..., None]
+        routed, kept = dispatch_ops.expert_counts(plan)
+        return gathered, top, plan["keep"], plan["expert_index"], index, routed, kept, (
+            mixed,
+            plan["capacity"],
+        )
+
+    def _integrate(self, flat, gathered, weights, keep):
+        """Mixes `(B, S, O)` expert outputs with `(B, S)` gate weights."""
+        dtype = gathered.dtype
+        kept_weights = ops.where(keep, weights, 0.0)
+        if self.integration == "weighted_sum":
+            return ops.einsum(
+                "ns,nso->no", ops.cast(kept_weights, dtype), gathered
+            ), None
+        if self.integration == "max":
+            values = ops.cast(kept_weights, dtype)[..., None] * gathered
+            # Dropped pairs get a value below every kept one (finite, no
+            # gradient); an example with no kept pair outputs zeros.
+            floor = ops.stop_gradient(ops.min(values, axis=1, keepdims=True) - 1.0)
+            values = ops.where(keep[..., None], values, floor)
+            mixed = ops.max(values, axis=1)
+            any_kept = ops.any(keep, axis=1)[:, None]
+            return ops.where(any_kept, mixed, ops.zeros_like(mixed)), None
+        if self.attention_query is None:  # k = 1: alpha = 1
+            attention = ops.cast(kept_weights, "float32")
+            mixed = ops.einsum("ns,nso->no", ops.cast(attention, dtype), gathered)
+            return mixed, attention
+        query = self.attention_query(flat)  # (B, a)
+        keys = self.attention_key(gathered)  # (B, S, a)
+        scores = ops.einsum("na,nsa->ns", query, keys) / math.sqrt(self.attention_dim)
+        scores = ops.cast(scores, "float32") + ops.log(
+            ops.maximum(ops.cast(weights, "float32"), 1e-9)
+        )
+        scores = ops.where(keep, scores, -1e9)
+        alpha = ops.softmax(scores, axis=-1)
+        mass = ops.sum(kept_weights, axis=-1, keepdims=True)
+        attention = alpha * mass
+        mixed = ops.einsum("ns,nso->no", ops.cast(attention, dtype), gathered)
+        return mixed, attention
+
+    def call(self, inputs, training=None, return_routing=False):
+        shape = tuple(inputs.shape)
+        if shape[1:] != tuple(self._input_inner):
+            raise ValueError(
+                f"{self.name}: the input shape must be (batch,) + "
+                f"{tuple(self._input_inner)}, as when the layer was built. "
+                f"Received: input shape {shape}"
+            )
+        num_examples = ops.shape(inputs)[0]
+        flat = ops.reshape(inputs, (-1, self._input_dim))
+        probs = self._gate_probs(inputs, flat)
+        if self.k is None:
+            gathered, weights, keep, expert_index, balance_index, routed, kept, _ = (
+                self._dense_experts(inputs, probs)
+            )
+            mixed, capacity = None, num_examples
+        else:
+            gathered, weights, keep, expert_index, balance_index, routed, kept, extra = (
+                self._sparse_experts(flat, probs, num_examples, training)
+            )
+            mixed, capacity = extra
+        attention = None
+        if mixed is None:
+            mixed, attention = self._integrate(flat, gathered, weights, keep)
+        outputs = ops.reshape(mixed, (-1,) + tuple(self._output_inner))
+
+        balance = balancing.load_balancing_loss(probs, balance_index, self.num_experts)
+        if training and self.load_balance_weight:
+            self.add_loss(self.load_balance_weight * balance)
+        total = ops.sum(routed)
+        expert_load = routed / ops.maximum(total, 1.0)
+        dropped_fraction = 1.0 - ops.sum(kept) / ops.maximum(total, 1.0)
+        entropy = -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=-1))
+        self.expert_load.assign(ops.stop_gradient(expert_load))
+        self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
+        self.load_balance_loss.assign(ops.stop_gradient(balance))
+        self.router_entropy.assign(ops.stop_gradient(entropy))
+        if not return_routing:
+            return outputs
+        routing = {
+            "expert_index": expert_index,
+            "gate_weights": weights,
+            "probs": probs,
+            "keep": keep,
+            "capacity": ops.cast(capacity, "int32"),
+            "expert_load": expert_load,
+            "dropped_fraction": dropped_fraction,
+            "load_balance_loss": balance,
+        }
+        if self.integration == "attention":
+            routing["attention_weights"] = attention
+        return outputs, routing
+
+    def routing_stats(self):
+        """The routing statistics of the last call, as NumPy values."""
+        return {
+            "expert_load": ops.convert_to_numpy(self.expert_load),
+            "dropped_fraction": float(ops.convert_to_numpy(self.dropped_fraction)),
+            "load_balance_loss": float(ops.convert_to_numpy(self.load_balance_loss)),
+            "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
+        }
+
+    # ----------------------------------------------------------------- shapes
+
+    def compute_output_shape(self, input_shape):
+        input_shape = self._check_input_shape(input_shape)
+        if self.built and tuple(input_shape[1:]) == tuple(self._input_inner):
+            inner = self._output_inner
+        else:
+            inner = self._expert_output_shape(input_shape)
+        return (input_shape[0],) + tuple(inner)
+
+    def compute_output_spec(self, inputs, training=None, return_routing=False):
+        if return_routing:
+            # Trace `call` itself for the nested routing structure.
+            return super(keras.layers.Layer, self).compute_output_spec(
+                inputs, training=training, return_routing=True
+            )
+        return keras.KerasTensor(
+            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            experts=[
+                keras.saving.serialize_keras_object(expert) for expert in self.experts
+            ],
+            integration=self.integration,
+            k=self.k,
+            gate=(
+                keras.saving.serialize_keras_object(self.gate)
+                if self.custom_gate
+                else None
+            ),
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            load_balance_weight=self.load_balance_weight,
+            attention_dim=self.attention_dim,
+        )
+        return config
