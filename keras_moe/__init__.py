@@ -7,5 +7,17 @@ and PyTorch.
 __version__ = "0.1.0"
 
 from keras_moe import callbacks, layers, ops  # noqa: E402
+from keras_moe import boxes, losses, metrics  # noqa: E402
+from keras_moe import models, weighting  # noqa: E402
 
-__all__ = ["callbacks", "layers", "ops", "__version__"]
+__all__ = [
+    "boxes",
+    "callbacks",
+    "layers",
+    "losses",
+    "metrics",
+    "models",
+    "ops",
+    "weighting",
+    "__version__",
+]

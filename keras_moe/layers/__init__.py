@@ -5,19 +5,37 @@ from keras_moe.layers.dselect_k import DSelectKRouter
 from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.hash_router import HashRouter
+from keras_moe.layers.heads import (
+    BinaryHead,
+    BoxHead,
+    ClassificationHead,
+    RegressionHead,
+    default_compile_args,
+)
+from keras_moe.layers.mixture import MixtureOfExperts
 from keras_moe.layers.moe import SparseMoE
+from keras_moe.layers.multitask import CGC, PLE, MultiGateMoE
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.layers.soft_moe import SoftMoE
 from keras_moe.layers.task_router import TaskRouter
 
 __all__ = [
     "BalancedAssignmentRouter",
+    "BinaryHead",
+    "BoxHead",
+    "CGC",
+    "ClassificationHead",
     "DSelectKRouter",
     "ExpertChoiceRouter",
     "Experts",
     "HashRouter",
+    "MixtureOfExperts",
+    "MultiGateMoE",
+    "PLE",
+    "RegressionHead",
     "SoftMoE",
     "SparseMoE",
     "TaskRouter",
     "TopKRouter",
+    "default_compile_args",
 ]
