@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers._stats import statistic
 from keras_moe.layers.routers import default_router_initializer
 from keras_moe.ops import balancing, selection
 from keras_moe.ops import dispatching as dispatch_ops
@@ -269,22 +270,13 @@ class MixtureOfExperts(keras.layers.Layer):
             self.attention_query.build((None, self._input_dim))
             self.attention_key.build((None, None, self._output_dim))
 
-        def stat(name, shape):
-            # autocast=False: under a mixed policy, torch's `assign` would
-            # write into an autocast copy (Keras 3.15) and the value be lost.
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-            )
-
-        self.expert_load = stat("expert_load", (self.num_experts,))
-        self.dropped_fraction = stat("dropped_fraction", ())
-        self.load_balance_loss = stat("load_balance_loss", ())
-        self.router_entropy = stat("router_entropy", ())
+        for name, shape in (
+            ("expert_load", (self.num_experts,)),
+            ("dropped_fraction", ()),
+            ("load_balance_loss", ()),
+            ("router_entropy", ()),
+        ):
+            setattr(self, name, statistic(self, name, shape))
 
     # ------------------------------------------------------------------- call
 

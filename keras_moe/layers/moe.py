@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.ops import dispatching as dispatch_ops
@@ -204,22 +205,13 @@ class SparseMoE(keras.layers.Layer):
         if self.shared_experts is not None:
             self.shared_experts.build((self.num_shared_experts, None, d))
 
-        def stat(name, shape):
-            # autocast=False: under a mixed policy, torch's `assign` would
-            # write into an autocast copy (Keras 3.15) and the value be lost.
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-            )
-
-        self.expert_load = stat("expert_load", (self.num_experts,))
-        self.dropped_fraction = stat("dropped_fraction", ())
-        self.load_balance_loss = stat("load_balance_loss", ())
-        self.router_entropy = stat("router_entropy", ())
+        for name, shape in (
+            ("expert_load", (self.num_experts,)),
+            ("dropped_fraction", ()),
+            ("load_balance_loss", ()),
+            ("router_entropy", ()),
+        ):
+            setattr(self, name, statistic(self, name, shape))
 
     def _check_call_input(self, inputs):
         shape = tuple(inputs.shape)

@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import per_expert_initializer
 from keras_moe.layers.routers import TopKRouter, default_router_initializer
@@ -56,19 +57,6 @@ def _keep_top_k(gates, k):
     _, index = selection.top_k(gates, k)
     mask = ops.sum(ops.one_hot(index, n, dtype=gates.dtype), axis=-2)
     return _normalize_rows(gates * mask)
-
-
-def _stat(layer, name, shape):
-    # autocast=False: under a mixed policy, torch would otherwise assign into
-    # a bfloat16 copy of the variable and the statistics would stay zero.
-    return layer.add_weight(
-        name=name,
-        shape=shape,
-        initializer="zeros",
-        dtype="float32",
-        trainable=False,
-        autocast=False,
-    )
 
 
 def _stats_to_numpy(layer, names):
@@ -302,12 +290,12 @@ class MultiGateMoE(keras.layers.Layer):
             self.gate_bias = self.add_weight(
                 name="gate_bias", shape=(t, e), initializer="zeros"
             )
-        self.task_expert_usage = _stat(self, "task_expert_usage", (t, e))
-        self.expert_load = _stat(self, "expert_load", (e,))
-        self.dropped_fraction = _stat(self, "dropped_fraction", ())
-        self.router_entropy = _stat(self, "router_entropy", ())
+        self.task_expert_usage = statistic(self, "task_expert_usage", (t, e))
+        self.expert_load = statistic(self, "expert_load", (e,))
+        self.dropped_fraction = statistic(self, "dropped_fraction", ())
+        self.router_entropy = statistic(self, "router_entropy", ())
         self.load_balance_loss = (
-            _stat(self, "load_balance_loss", ()) if self.sparse else None
+            statistic(self, "load_balance_loss", ()) if self.sparse else None
         )
 
     # Dense gates ---------------------------------------------------------
@@ -768,12 +756,12 @@ class CGC(keras.layers.Layer):
         else:
             self.shared_gate_kernel = self.shared_gate_bias = None
         rows = t + int(self.shared_output)
-        self.task_expert_usage = _stat(
+        self.task_expert_usage = statistic(
             self, "task_expert_usage", (rows, self.total_experts)
         )
-        self.expert_load = _stat(self, "expert_load", (self.total_experts,))
-        self.dropped_fraction = _stat(self, "dropped_fraction", ())
-        self.router_entropy = _stat(self, "router_entropy", ())
+        self.expert_load = statistic(self, "expert_load", (self.total_experts,))
+        self.dropped_fraction = statistic(self, "dropped_fraction", ())
+        self.router_entropy = statistic(self, "router_entropy", ())
 
     def _split_inputs(self, inputs):
         if isinstance(inputs, (list, tuple)):

@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 
 
@@ -122,14 +123,7 @@ class SoftMoE(keras.layers.Layer):
             else None
         )
         self.experts.build((self.num_experts, None, d))
-        self.expert_load = self.add_weight(
-            name="expert_load",
-            shape=(self.num_experts,),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-            autocast=False,  # see SparseMoE.build: torch would lose the value
-        )
+        self.expert_load = statistic(self, "expert_load", (self.num_experts,))
 
     def logits(self, inputs):
         """Token-slot logits `(B, T, E * S)`."""

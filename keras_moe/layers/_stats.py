@@ -1,0 +1,19 @@
+"""Routing statistics kept in a layer's non-trainable state."""
+
+
+def statistic(layer, name, shape):
+    """A float32, non-trainable, zero-initialised variable of `layer` for a
+    routing statistic that `call` assigns, so it updates inside compiled
+    `fit`/`predict` on every backend.
+
+    `autocast=False`: under a mixed dtype policy, torch's `assign` would write
+    into an autocast copy (Keras 3.15) and the value would be lost.
+    """
+    return layer.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        trainable=False,
+        autocast=False,
+    )
