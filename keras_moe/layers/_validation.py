@@ -1,5 +1,6 @@
 """Argument checks that raise a `ValueError` naming the bad value."""
 
+import math
 import numbers
 
 import keras
@@ -46,61 +47,44 @@ def router_layer(router, num_experts):
         )
 
 
-def non_negative_float(name, value):
+def _real(name, value, accept, requirement):
+    """A real number (not a bool) for which `accept(value)` holds (NaN fails
+    every comparison); `requirement` completes "{name} must be ..."."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not value >= 0
-        or value == float("inf")
+        or not accept(value)
     ):
         raise ValueError(
-            f"{name} must be a finite number >= 0. Received: {name}={value!r}"
+            f"{name} must be {requirement}. Received: {name}={value!r}"
         )
     return float(value)
+
+
+def non_negative_float(name, value):
+    return _real(name, value, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
 def positive_float(name, value):
     """A finite number > 0, e.g. a learning rate."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not value > 0
-        or value == float("inf")
-    ):
-        raise ValueError(
-            f"{name} must be a finite number > 0. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _real(name, value, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
 def finite_float(name, value):
     """Any finite number."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not abs(value) < float("inf")
-    ):
-        raise ValueError(
-            f"{name} must be a finite number. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _real(name, value, lambda v: abs(v) < math.inf, "a finite number")
 
 
 def capacity_factor(name, value):
     """A capacity factor is a finite number > 0, or None (dropless)."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not value > 0
-        or value == float("inf")
-    ):
-        raise ValueError(
-            f"{name} must be a finite number > 0, or None for dropless "
-            f"routing. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _real(
+        name,
+        value,
+        lambda v: 0 < v < math.inf,
+        "a finite number > 0, or None for dropless routing",
+    )
 
 
 def one_of(name, value, allowed):
@@ -140,28 +124,12 @@ def token_input_shape(layer, input_shape):
 
 def unit_interval(name, value):
     """A number in [0, 1], e.g. an IoU threshold."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not 0 <= value <= 1
-    ):
-        raise ValueError(
-            f"{name} must be a number in [0, 1]. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _real(name, value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def dropout_rate(name, value):
     """A dropout rate: a number in [0, 1)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not 0 <= value < 1
-    ):
-        raise ValueError(
-            f"{name} must be a number in [0, 1). Received: {name}={value!r}"
-        )
-    return float(value)
+    return _real(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def task_names(names, num_tasks):
