@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
-from keras_moe.ops import balancing, selection
+from keras_moe.ops import balancing, dispatching, selection
 
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
@@ -258,10 +258,8 @@ class TopKRouter(keras.layers.Layer):
         e = self.num_experts
         flat_index = ops.reshape(expert_index, (-1, self.k))
         flat_probs = ops.reshape(probs, (-1, e))
-        gates = ops.einsum(
-            "nk,nke->ne",
-            ops.reshape(top, (-1, self.k)),
-            ops.one_hot(flat_index, e, dtype=top.dtype),
+        gates = dispatching.choice_matrix(
+            ops.reshape(top, (-1, self.k)), flat_index, e
         )
         losses = {
             "load_balance_loss": balancing.load_balancing_loss(

@@ -73,7 +73,13 @@ class DispatchPlan(dict):
     tensors when the token count is dynamic).
     """
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        # AttributeError, not KeyError, so that `hasattr` and `getattr(...,
+        # default)` work (JAX probes its arguments for `__jax_array__`).
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _arrival_positions(expert_index, num_experts):
@@ -214,14 +220,26 @@ def combine(expert_outputs, plan, combine_weights):
     weights = ops.where(
         plan["keep"], ops.cast(combine_weights, gathered.dtype), 0.0
     )
-    return ops.einsum("nk,nko->no", weights, gathered)
+    # A multiply and a sum over k, not einsum("nk,nko->no"): backends lower
+    # that einsum to N tiny batched matmuls (torch: 24% of a training step).
+    return ops.sum(weights[:, :, None] * gathered, axis=1)
+
+
+def choice_matrix(weights, expert_index, num_experts):
+    """The `(N, E)` matrix with `weights[n, j]` at `(n, expert_index[n, j])`
+    (rows of `expert_index` hold distinct experts).
+
+    A broadcast multiply and a sum over `k`: written as
+    `einsum("nk,nke->ne")` it becomes `N` tiny batched matmuls on torch.
+    """
+    one_hot = ops.one_hot(expert_index, num_experts, dtype=weights.dtype)
+    return ops.sum(weights[..., None] * one_hot, axis=-2)
 
 
 def dense_gates(plan, combine_weights):
     """The `(N, E)` gate matrix of a plan: `w[n, j]` at `(n, e_nj)` if kept."""
     weights = ops.where(plan["keep"], ops.cast(combine_weights, "float32"), 0.0)
-    one_hot = ops.one_hot(plan["expert_index"], plan["num_experts"])
-    return ops.einsum("nk,nke->ne", weights, one_hot)
+    return choice_matrix(weights, plan["expert_index"], plan["num_experts"])
 
 
 def expert_counts(plan, selected=None):
