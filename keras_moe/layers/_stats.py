@@ -8,6 +8,9 @@ def statistic(layer, name, shape):
 
     `autocast=False`: under a mixed dtype policy, torch's `assign` would write
     into an autocast copy (Keras 3.15) and the value would be lost.
+    `aggregation="mean"`: under `tf.distribute.MirroredStrategy` each replica
+    assigns the statistic of its share of the batch, and the variable holds
+    their mean (for equal shares, the statistic of the whole batch).
     """
     return layer.add_weight(
         name=name,
@@ -16,4 +19,5 @@ def statistic(layer, name, shape):
         dtype="float32",
         trainable=False,
         autocast=False,
+        aggregation="mean",
     )

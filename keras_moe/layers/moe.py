@@ -1,9 +1,11 @@
 import keras
 from keras import ops
 
+from keras_moe.distribution import constrain
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
+from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.ops import dispatching as dispatch_ops
 
@@ -283,7 +285,9 @@ class SparseMoE(keras.layers.Layer):
         weights = routing["combine_weights"]
         if self.dispatch == "sparse":
             buffers = dispatch_ops.dispatch(tokens, plan)
-            outputs = dispatch_ops.combine(self.experts(buffers), plan, weights)
+            buffers = constrain(buffers, self, "expert_buffers")
+            expert_outputs = constrain(self.experts(buffers), self, "expert_outputs")
+            outputs = dispatch_ops.combine(expert_outputs, plan, weights)
         else:
             everything = ops.broadcast_to(
                 tokens[None], (self.num_experts,) + tuple(ops.shape(tokens))
@@ -379,4 +383,4 @@ class SparseMoE(keras.layers.Layer):
                 z_loss_weight=router["z_loss_weight"],
                 router_kernel_initializer=router["kernel_initializer"],
             )
-        return config
+        return quantized_dtype_config(self, config)

@@ -217,6 +217,8 @@ class TopKRouter(keras.layers.Layer):
                 shape=(e,),
                 initializer="zeros",
                 trainable=False,
+                # Replicas (tf.distribute) apply the mean of their updates.
+                aggregation="mean",
             )
             if self.bias_update_rate
             else None
