@@ -1,7 +1,13 @@
 """Callbacks that make routing visible during training."""
 
+import inspect
+import os
+import weakref
+
 import keras
 import numpy as np
+
+from keras_moe.layers import _validation as check
 
 
 def moe_layers(model):
@@ -18,6 +24,52 @@ def moe_layers(model):
     for layer in model.layers:
         visit(layer)
     return found
+
+
+class _StatsReader:
+    """Reads every MoE layer's `routing_stats()` once per step for all the
+    routing callbacks of one model (`RoutingMetrics` and `RoutingMonitor`
+    used together read each step's statistics once).
+
+    A step is keyed by `(phase, batch)`; every callback resets the reader
+    when a phase begins (train, epoch, test), before any batch of it ends,
+    so a key never refers to a step of an earlier phase.
+    """
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+        self.layers = moe_layers(model)
+        self.key = None
+        self.stats = None
+
+    def reset(self, refresh_layers=False):
+        self.key = self.stats = None
+        model = self.model()
+        if refresh_layers and model is not None:
+            self.layers = moe_layers(model)
+
+    def read(self, key):
+        """`[(layer, stats)]` for the step `key`, read at most once."""
+        if key != self.key:
+            self.stats = [(layer, layer.routing_stats()) for layer in self.layers]
+            self.key = key
+        return self.stats
+
+
+_READERS = weakref.WeakKeyDictionary()
+
+
+def _stats_reader(model):
+    """The shared `_StatsReader` of `model` (pass `callback.model`: on JAX,
+    reading that property syncs the model state once per batch)."""
+    reader = _READERS.get(model)
+    if reader is None:
+        reader = _READERS[model] = _StatsReader(model)
+    return reader
+
+
+def _task_names(stats, count):
+    return list(stats.get("task_names") or [f"task_{t}" for t in range(count)])
 
 
 def effective_num_experts(usage):
@@ -68,10 +120,9 @@ class RoutingMetrics(keras.callbacks.Callback):
         super().__init__()
         self.per_expert = bool(per_expert)
 
-    def _read(self):
+    def _read(self, key):
         values = {}
-        for layer in moe_layers(self.model):
-            stats = layer.routing_stats()
+        for layer, stats in _stats_reader(self.model).read(key):
             load = np.asarray(stats["expert_load"], "float64")
             name = layer.name
             values[f"{name}_dropped"] = float(stats.get("dropped_fraction", 0.0))
@@ -91,7 +142,7 @@ class RoutingMetrics(keras.callbacks.Callback):
 
     def _task_values(self, name, stats):
         usage = np.asarray(stats["task_expert_usage"], "float64")
-        tasks = stats.get("task_names") or [f"task_{t}" for t in range(len(usage))]
+        tasks = _task_names(stats, len(usage))
         values = {}
         for task, row in zip(tasks, usage):
             values[f"{name}_{task}_experts"] = effective_num_experts(row)
@@ -100,27 +151,749 @@ class RoutingMetrics(keras.callbacks.Callback):
                     values[f"{name}_{task}_usage_{e}"] = float(share)
         return values
 
-    def _accumulate(self, store, logs):
-        values = self._read()
-        for key, value in values.items():
-            store.setdefault(key, []).append(value)
+    def _accumulate(self, store, logs, key):
+        values = self._read(key)
+        for name, value in values.items():
+            store.setdefault(name, []).append(value)
         if logs is not None:
             logs.update(values)
 
+    def on_train_begin(self, logs=None):
+        _stats_reader(self.model).reset(refresh_layers=True)
+
     def on_epoch_begin(self, epoch, logs=None):
         self._train, self._val = {}, {}
+        _stats_reader(self.model).reset()
 
     def on_train_batch_end(self, batch, logs=None):
-        self._accumulate(self._train, logs)
+        self._accumulate(self._train, logs, ("train", batch))
 
     def on_test_begin(self, logs=None):
         self._val = {}
+        _stats_reader(self.model).reset()
 
     def on_test_batch_end(self, batch, logs=None):
-        self._accumulate(self._val, None)
+        self._accumulate(self._val, None, ("test", batch))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         logs.update({k: float(np.mean(v)) for k, v in self._train.items()})
         logs.update({f"val_{k}": float(np.mean(v)) for k, v in self._val.items()})
+
+
+def _require_tensorflow(log_dir):
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise ImportError(
+            "RoutingMonitor(log_dir=...) writes TensorBoard summaries with "
+            "tf.summary and needs TensorFlow (on every Keras backend): "
+            "`pip install keras-moe[tensorflow]` (or tensorflow-cpu). "
+            f"Received: log_dir={log_dir!r} ({error})"
+        ) from error
+    return tf
+
+
+class _SummaryWriter:
+    """TensorBoard event files written with TensorFlow alone.
+
+    `tf.summary.scalar` and `tf.summary.image` need the `tensorboard`
+    package; `tf.summary.write` (TensorFlow core) does not. The summaries
+    carry the metadata of TensorBoard's scalar and image plugins, so
+    TensorBoard shows them as its own scalars and images.
+    """
+
+    def __init__(self, log_dir):
+        self.tf = _require_tensorflow(log_dir)
+        with self.tf.device("/cpu:0"):
+            self.writer = self.tf.summary.create_file_writer(log_dir)
+
+    def _metadata(self, plugin, data_class):
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata(data_class=data_class)
+        metadata.plugin_data.plugin_name = plugin
+        return metadata
+
+    def scalars(self, values, step):
+        """Writes `{tag: float}` at `step`."""
+        from tensorflow.core.framework import summary_pb2
+
+        tf = self.tf
+        metadata = self._metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+        with tf.device("/cpu:0"), self.writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.write(tag, tf.constant(float(value), "float32"),
+                                 metadata=metadata)
+        self.writer.flush()
+
+    def image(self, tag, png, step):
+        """Writes one PNG image (bytes) at `step`."""
+        from tensorflow.core.framework import summary_pb2
+
+        tf = self.tf
+        width = int.from_bytes(png[16:20], "big")  # the PNG's IHDR chunk
+        height = int.from_bytes(png[20:24], "big")
+        tensor = tf.constant([str(width).encode(), str(height).encode(), png])
+        metadata = self._metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+        with tf.device("/cpu:0"), self.writer.as_default(step=step):
+            tf.summary.write(tag, tensor, metadata=metadata)
+        self.writer.flush()
+
+    def matrix_png(self, matrix, cell=16):
+        """A grey PNG of a matrix (one `cell` x `cell` square per entry,
+        white = the largest value), for heat maps without matplotlib."""
+        matrix = np.asarray(matrix, "float64")
+        scaled = matrix / max(float(matrix.max()), 1e-12)
+        pixels = (255 * np.kron(scaled, np.ones((cell, cell)))).astype("uint8")
+        return self.tf.io.encode_png(pixels[:, :, None]).numpy()
+
+    def close(self):
+        self.writer.flush()
+        self.writer.close()
+
+
+def _safe_name(name):
+    """`name` with every character but letters, digits, `.`, `_`, `-`
+    replaced by `_` (for file names and TensorBoard tags)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(name))
+
+
+def _has_return_routing(layer):
+    try:
+        return "return_routing" in inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_token_layer(layer):
+    """A single-task MoE layer whose call can return its routing (so a class
+    x expert table can be computed): `SparseMoE`, `MixtureOfExperts`."""
+    return _has_return_routing(layer) and not hasattr(layer, "num_tasks")
+
+
+def _expert_labels(layer, num_experts):
+    """Expert names for plots: `CGC`/`PLE` columns are `<task>:<i>` for the
+    task experts and `shared:<i>`; plain numbers otherwise."""
+    names = getattr(layer, "task_names", None)
+    m = getattr(layer, "num_task_experts", None)
+    s = getattr(layer, "num_shared_experts", None)
+    if names and isinstance(m, int) and isinstance(s, int):
+        labels = [f"{t}:{i}" for t in names for i in range(m)]
+        labels += [f"shared:{i}" for i in range(s)]
+        if len(labels) == num_experts:
+            return labels
+    return [str(e) for e in range(num_experts)]
+
+
+def _model_chain(model, layer):
+    """`[model, nested model, ...]` down to the model whose own layers
+    include `layer`, or None."""
+    children = getattr(model, "layers", None) or []
+    if any(child is layer for child in children):
+        return [model]
+    for child in children:
+        if isinstance(child, keras.Model):
+            chain = _model_chain(child, layer)
+            if chain:
+                return [model] + chain
+    return None
+
+
+def _call_input(layer, owner):
+    """The symbolic input tensor of `layer`'s one call in its model's graph."""
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if not nodes:
+        raise ValueError(
+            f"RoutingMonitor(class_data=...) runs the model up to the input of "
+            f"{layer.name!r}, which needs a functional or Sequential model. "
+            f"Received: {type(owner).__name__} {owner.name!r}, in which "
+            f"{layer.name!r} has no symbolic call (a subclassed model?)"
+        )
+    if len(nodes) != 1:
+        raise ValueError(
+            f"RoutingMonitor(class_data=...): {layer.name!r} is called "
+            f"{len(nodes)} times in the model graph; a class x expert table "
+            "needs a layer that is called once"
+        )
+    tensors = nodes[0].arguments.keras_tensors
+    if len(tensors) != 1:
+        raise ValueError(
+            f"RoutingMonitor(class_data=...): {layer.name!r} takes "
+            f"{len(tensors)} symbolic tensors (e.g. `routing_inputs`); a class "
+            "x expert table needs a layer called on one input tensor"
+        )
+    return tensors[0]
+
+
+def _feature_function(model, layer, batch_size):
+    """`x -> the input of layer` for the model input `x`, as NumPy: the
+    model (and the nested models it goes through) cut at the layer's input."""
+    chain = _model_chain(model, layer)
+    if chain is None:
+        raise ValueError(
+            f"RoutingMonitor(class_data=...): {layer.name!r} is not a layer of "
+            f"the model {model.name!r} nor of a model nested in it"
+        )
+    stages = []
+    for parent, child in zip(chain, chain[1:] + [layer]):
+        tensor = _call_input(child, parent)
+        if any(tensor is x for x in parent.inputs) and len(parent.inputs) == 1:
+            stages.append(None)  # the child reads the parent's input as is
+        else:
+            stages.append(keras.Model(parent.inputs, tensor))
+
+    def features(x):
+        for stage in stages:
+            if stage is not None:
+                x = stage.predict(x, batch_size=batch_size, verbose=0)
+        return np.asarray(x)
+
+    return features
+
+
+class _RoutingCounts(keras.layers.Layer):
+    """Per example, how many of its (token, choice) assignments `moe` sends
+    to each expert in inference (`(B, E)`; the gate mass for a dense
+    mixture). A private probe: wrapped in a `keras.Model` it runs compiled
+    by `predict`, in batches, on every backend."""
+
+    def __init__(self, moe, num_experts, **kwargs):
+        super().__init__(**kwargs)
+        self.moe = moe
+        self.num_experts = num_experts
+
+    def call(self, inputs):
+        ops = keras.ops
+        _, routing = self.moe(inputs, training=False, return_routing=True)
+        batch = ops.shape(inputs)[0]
+        e = self.num_experts
+        if getattr(self.moe, "k", 0) is None and "probs" in routing:
+            probs = ops.cast(routing["probs"], "float32")
+            return ops.sum(ops.reshape(probs, (batch, -1, e)), axis=1)
+        index = ops.reshape(routing["expert_index"], (batch, -1))
+        hot = ops.one_hot(index, e, dtype="float32")
+        router = getattr(self.moe, "router", None)
+        if getattr(router, "assigns_positions", False) and "keep" in routing:
+            # Expert-choice-like routers: only the pairs the experts picked.
+            keep = ops.reshape(routing["keep"], (batch, -1))
+            hot = hot * ops.cast(keep, "float32")[:, :, None]
+        return ops.sum(hot, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_experts)
+
+
+class RoutingMonitor(keras.callbacks.Callback):
+    """Records, plots and logs to TensorBoard what every MoE layer's router
+    does, epoch by epoch.
+
+    For every layer with `routing_stats()` (`SparseMoE`, `SoftMoE`,
+    `MultiGateMoE`, `CGC`, `PLE`, `MixtureOfExperts`; nested models too),
+    named `<layer>`, it averages over each epoch's training batches (and
+    validation batches, as `val_...`):
+
+    - `expert_load`: the per-expert load `(E,)` (shares summing to 1);
+    - `dropped_fraction`: the fraction of (token, choice) assignments
+      dropped over capacity (0 for layers that never drop);
+    - `task_expert_usage`: for multi-task layers, the task x expert usage
+      `(T, E)` (each task's share of its gate mass per expert).
+
+    The full arrays are in `monitor.history[<layer>]`
+    (`"expert_load"` `(epochs, E)`, `"dropped_fraction"` `(epochs,)`,
+    `"task_expert_usage"` `(epochs, T, E)`, `"task_names"`,
+    `"expert_labels"`, and the `val_` arrays when `fit` validates). With
+    `log_scalars=True` the epoch means also go into `fit`'s logs and
+    `History`: `<layer>_load_<e>`, `<layer>_dropped` and
+    `<layer>_<task>_usage_<e>` (the keys and values of
+    `RoutingMetrics(per_expert=True)`; used together, the two callbacks read
+    each step's statistics once).
+
+    With `class_data=(x, labels)`, it also computes, for every token MoE
+    layer (a single-task layer whose call takes `return_routing`:
+    `SparseMoE`, `MixtureOfExperts`), the class x expert table: row `c` is
+    the share of the router's (token, choice) assignments of the examples
+    of class `c` that go to each expert (the gate mass for a dense
+    mixture). It runs the model up to the layer's input and calls the
+    layer with `return_routing=True` in inference mode, `batch_size`
+    examples at a time, at the end of training (and every epoch with
+    `plot_every_epoch`); the layer's routing statistics are restored
+    afterwards. The latest tables are in `monitor.class_expert`.
+
+    Outputs:
+
+    - `log_dir`: TensorBoard scalars (`<layer>/expert_load/expert_<e>`,
+      `<layer>/dropped_fraction`, `<layer>/<task>_usage/expert_<e>`) in
+      `log_dir/routing/train` and `log_dir/routing/validation`, and the
+      task x expert and class x expert heat maps as images, written with
+      `tf.summary` on every Keras backend (needs TensorFlow).
+    - `plot_dir`: PNG plots (needs matplotlib: `pip install
+      keras-moe[plot]`) saved at the end of training (and after every
+      epoch with `plot_every_epoch=True`): `<layer>_expert_load.png` (load
+      over epochs, one line per expert, the uniform share `1/E` dashed),
+      `dropped_fraction.png` (every layer), `<layer>_class_expert.png` and
+      `<layer>_task_expert.png` (heat maps). See `keras_moe.plotting` to
+      draw them yourself from `monitor.history`.
+
+    Args:
+        log_dir: directory of the TensorBoard logs, or None.
+        plot_dir: directory of the PNG plots, or None.
+        class_data: `(x, labels)`: model inputs and one integer class per
+            example (or one-hot rows) for the class x expert tables, or None.
+        class_names: names of the classes (default `0, 1, ...`).
+        class_layers: names of the layers to compute class tables for
+            (default: every monitored token MoE layer).
+        layers: names of the MoE layers to monitor (default: all).
+        plot_every_epoch: also compute the class tables and save the plots
+            after every epoch (overwriting the files), not only at the end.
+        batch_size: batch size of the class-table passes.
+        log_scalars: put the per-expert epoch means into `fit`'s logs.
+
+    Example:
+
+    ```python
+    monitor = keras_moe.callbacks.RoutingMonitor(
+        plot_dir="plots", log_dir="logs",
+        class_data=(x_test, y_test), class_names=["cat", "dog"])
+    model.fit(x, y, epochs=5, callbacks=[monitor])
+    monitor.history["moe"]["expert_load"]  # (5, E)
+    ```
+
+    References:
+        Fedus, Zoph, Shazeer. Switch Transformers (2021): per-expert load
+        and dropped tokens. Ma et al. Modeling Task Relationships in
+        Multi-task Learning with Multi-gate Mixture-of-Experts (KDD 2018):
+        per-task expert utilisation.
+    """
+
+    def __init__(
+        self,
+        log_dir=None,
+        plot_dir=None,
+        class_data=None,
+        class_names=None,
+        class_layers=None,
+        layers=None,
+        plot_every_epoch=False,
+        batch_size=128,
+        log_scalars=True,
+    ):
+        super().__init__()
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.plot_dir = None if plot_dir is None else os.fspath(plot_dir)
+        if self.log_dir is not None:
+            _require_tensorflow(self.log_dir)
+        if self.plot_dir is not None:
+            from keras_moe.plotting import require_matplotlib
+
+            require_matplotlib("RoutingMonitor(plot_dir=...)")
+        self.batch_size = check.positive_int("batch_size", batch_size)
+        self.plot_every_epoch = bool(plot_every_epoch)
+        if self.plot_every_epoch and self.plot_dir is None:
+            raise ValueError(
+                "plot_every_epoch=True needs a plot_dir. Received: plot_dir=None"
+            )
+        self.log_scalars = bool(log_scalars)
+        self.layer_names = _name_list("layers", layers)
+        self.class_layer_names = _name_list("class_layers", class_layers)
+        self.class_data, self.class_names = _class_data(class_data, class_names)
+        if self.class_layer_names is not None and self.class_data is None:
+            raise ValueError(
+                "class_layers needs class_data=(x, labels). Received: "
+                f"class_layers={self.class_layer_names}, class_data=None"
+            )
+        self._records = {}
+        self.class_expert = {}
+        self._last_epoch = 0
+        self._feature_fns = {}
+        self._writers = None
+        self._layers = None
+
+    # ------------------------------------------------------------ results
+
+    @property
+    def history(self):
+        """`{layer name: {"expert_load": (epochs, E), "dropped_fraction":
+        (epochs,), ["task_expert_usage": (epochs, T, E), "task_names"],
+        "expert_labels", [val_...]}}` as NumPy arrays."""
+        result = {}
+        for name, record in self._records.items():
+            entry = {}
+            for key, values in record.items():
+                if key in ("task_names", "expert_labels"):
+                    entry[key] = list(values)
+                elif values:
+                    entry[key] = np.asarray(values, "float64")
+            result[name] = entry
+        return result
+
+    # ---------------------------------------------------------- callbacks
+
+    def on_train_begin(self, logs=None):
+        reader = _stats_reader(self.model)
+        reader.reset(refresh_layers=True)
+        found = {layer.name: layer for layer in reader.layers}
+        if self.layer_names is None:
+            self._layers = list(reader.layers)
+        else:
+            unknown = [n for n in self.layer_names if n not in found]
+            if unknown:
+                raise ValueError(
+                    f"RoutingMonitor(layers=...): no MoE layer named {unknown} in "
+                    f"the model. Received: layers={self.layer_names}; the model's "
+                    f"MoE layers are {sorted(found)}"
+                )
+            self._layers = [found[n] for n in self.layer_names]
+        self._class_layers = self._resolve_class_layers()
+        if self.log_dir is not None and self._writers is None:
+            self._writers = {
+                phase: _SummaryWriter(os.path.join(self.log_dir, "routing", phase))
+                for phase in ("train", "validation")
+            }
+
+    def _resolve_class_layers(self):
+        if self.class_data is None:
+            return []
+        monitored = {layer.name: layer for layer in self._layers}
+        if self.class_layer_names is None:
+            chosen = [layer for layer in self._layers if _is_token_layer(layer)]
+            if not chosen:
+                raise ValueError(
+                    "RoutingMonitor(class_data=...) found no token MoE layer "
+                    "(a single-task layer whose call takes `return_routing`, "
+                    "e.g. SparseMoE) among the monitored layers "
+                    f"{sorted(monitored)}"
+                )
+            return chosen
+        chosen = []
+        for name in self.class_layer_names:
+            layer = monitored.get(name)
+            if layer is None or not _is_token_layer(layer):
+                raise ValueError(
+                    f"class_layers must name monitored token MoE layers (whose "
+                    f"call takes `return_routing`, not multi-task). Received: "
+                    f"{name!r}; the monitored layers are {sorted(monitored)}"
+                )
+            chosen.append(layer)
+        return chosen
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._sums = {"train": {}, "test": {}}
+        _stats_reader(self.model).reset()
+
+    def on_test_begin(self, logs=None):
+        if hasattr(self, "_sums"):
+            self._sums["test"] = {}
+        _stats_reader(self.model).reset()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._accumulate("train", batch)
+
+    def on_test_batch_end(self, batch, logs=None):
+        if hasattr(self, "_sums") and self._layers is not None:
+            self._accumulate("test", batch)
+
+    def _accumulate(self, phase, batch):
+        wanted = {id(layer) for layer in self._layers}
+        sums = self._sums[phase]
+        for layer, stats in _stats_reader(self.model).read((phase, batch)):
+            if id(layer) not in wanted:
+                continue
+            entry = sums.setdefault(layer.name, {"count": 0})
+            entry["count"] += 1
+            for key in ("expert_load", "dropped_fraction", "task_expert_usage"):
+                if key in stats:
+                    value = np.asarray(stats[key], "float64")
+                    entry[key] = entry.get(key, 0.0) + value
+            if "task_expert_usage" in stats:
+                entry["task_names"] = _task_names(
+                    stats, np.shape(stats["task_expert_usage"])[0]
+                )
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {}
+        means = {}
+        for phase, prefix in (("train", ""), ("test", "val_")):
+            for name, entry in self._sums.get(phase, {}).items():
+                mean = {
+                    key: value / entry["count"]
+                    for key, value in entry.items()
+                    if key not in ("count", "task_names")
+                }
+                means.setdefault(phase, {})[name] = (mean, entry.get("task_names"))
+                self._record(name, prefix, mean, entry.get("task_names"))
+                values.update(self._scalars(name, prefix, mean, entry.get("task_names")))
+        if self.log_scalars and logs is not None:
+            logs.update(values)
+        self._last_epoch = epoch
+        if self._writers is not None:
+            self._write_summaries(epoch, means)
+        if self.plot_every_epoch:
+            self._class_tables(epoch)
+            self.save_plots()
+
+    def on_train_end(self, logs=None):
+        if self._records:
+            if not self.plot_every_epoch:  # else done after the last epoch
+                self._class_tables(self._last_epoch)
+                if self.plot_dir is not None:
+                    self.save_plots()
+        if self._writers is not None:
+            for writer in self._writers.values():
+                writer.close()
+            self._writers = None
+
+    # ------------------------------------------------------------ helpers
+
+    def _record(self, name, prefix, mean, task_names):
+        record = self._records.setdefault(name, {})
+        layer = next(layer for layer in self._layers if layer.name == name)
+        record.setdefault(
+            "expert_labels", _expert_labels(layer, len(mean["expert_load"]))
+        )
+        for key, value in mean.items():
+            record.setdefault(prefix + key, []).append(value)
+        if task_names is not None:
+            record["task_names"] = list(task_names)
+
+    def _scalars(self, name, prefix, mean, task_names):
+        values = {f"{prefix}{name}_dropped": float(mean.get("dropped_fraction", 0.0))}
+        for e, share in enumerate(mean["expert_load"]):
+            values[f"{prefix}{name}_load_{e}"] = float(share)
+        if "task_expert_usage" in mean:
+            for task, row in zip(task_names, mean["task_expert_usage"]):
+                for e, share in enumerate(row):
+                    values[f"{prefix}{name}_{task}_usage_{e}"] = float(share)
+        return values
+
+    def _write_summaries(self, epoch, means):
+        for phase, per_layer in means.items():
+            writer = self._writers["train" if phase == "train" else "validation"]
+            scalars = {}
+            for name, (mean, task_names) in per_layer.items():
+                tag = _safe_name(name)
+                for e, share in enumerate(mean["expert_load"]):
+                    scalars[f"{tag}/expert_load/expert_{e}"] = share
+                scalars[f"{tag}/dropped_fraction"] = mean.get("dropped_fraction", 0.0)
+                usage = mean.get("task_expert_usage")
+                if usage is None:
+                    continue
+                for task, row in zip(task_names, usage):
+                    for e, share in enumerate(row):
+                        scalars[f"{tag}/{_safe_name(task)}_usage/expert_{e}"] = share
+                if phase == "train":
+                    self._summary_image(
+                        writer, f"{tag}/task_expert",
+                        self._task_figure(name, usage, task_names), epoch,
+                    )
+            writer.scalars(scalars, epoch)
+
+    def _summary_image(self, writer, tag, figure_or_matrix, step):
+        """Writes a heat map: a matplotlib figure, or (without matplotlib)
+        the raw matrix as a grey image."""
+        if isinstance(figure_or_matrix, np.ndarray):
+            png = writer.matrix_png(figure_or_matrix)
+        else:
+            from keras_moe.plotting import figure_to_png
+
+            png = figure_to_png(figure_or_matrix)
+        writer.image(tag, png, step)
+
+    def _task_figure(self, name, usage, task_names, epoch_count=None):
+        """The task x expert heat map (a figure; the matrix without
+        matplotlib)."""
+        try:
+            from keras_moe import plotting
+
+            plotting.require_matplotlib()
+        except ImportError:
+            return np.asarray(usage)
+        epochs = epoch_count or len(self._records[name]["expert_load"])
+        return plotting.plot_expert_heatmap(
+            usage, task_names, col_labels=self._records[name]["expert_labels"],
+            title=f"{name}: each task's gate mass per expert (epoch {epochs})",
+            ylabel="task", colorbar_label="share of the task's gate mass",
+        )
+
+    def _class_figure(self, name, table):
+        try:
+            from keras_moe import plotting
+
+            plotting.require_matplotlib()
+        except ImportError:
+            return np.asarray(table)
+        epochs = len(self._records[name]["expert_load"]) if name in self._records else 0
+        return plotting.plot_expert_heatmap(
+            table, self.class_names,
+            col_labels=self._records.get(name, {}).get("expert_labels"),
+            title=f"{name}: experts chosen for each class's tokens (epoch {epochs})",
+            ylabel="class", colorbar_label="share of the class's router choices",
+        )
+
+    def compute_class_tables(self):
+        """Computes the class x expert table of every class layer (see the
+        class docstring) for the current weights; returns
+        `{layer name: (classes, E) array}` and keeps it in `class_expert`."""
+        if self.class_data is None:
+            raise ValueError(
+                "compute_class_tables needs class_data=(x, labels). Received: "
+                "class_data=None"
+            )
+        if self._layers is None:  # outside fit
+            self._layers = list(_stats_reader(self.model).layers)
+            if self.layer_names is not None:
+                self._layers = [
+                    layer for layer in self._layers if layer.name in self.layer_names
+                ]
+            self._class_layers = self._resolve_class_layers()
+        x, labels = self.class_data
+        num_classes = len(self.class_names)
+        tables = {}
+        for layer in self._class_layers:
+            if layer.name not in self._feature_fns:
+                self._feature_fns[layer.name] = (
+                    _feature_function(self.model, layer, self.batch_size), None
+                )
+            features, counter = self._feature_fns[layer.name]
+            inputs = features(x)
+            if counter is None:
+                num_experts = getattr(layer, "num_experts", None) or len(
+                    np.asarray(layer.routing_stats()["expert_load"])
+                )
+                probe_in = keras.Input(inputs.shape[1:], dtype=str(inputs.dtype))
+                counter = keras.Model(
+                    probe_in, _RoutingCounts(layer, num_experts)(probe_in)
+                )
+                self._feature_fns[layer.name] = (features, counter)
+            # The routing call overwrites the layer's statistics: restore them.
+            saved = [keras.ops.convert_to_numpy(v) for v in layer.non_trainable_variables]
+            try:
+                counts = counter.predict(inputs, batch_size=self.batch_size, verbose=0)
+            finally:
+                for variable, value in zip(layer.non_trainable_variables, saved):
+                    variable.assign(value)
+            counts = np.asarray(counts, "float64")
+            table = np.zeros((num_classes, counts.shape[1]))
+            np.add.at(table, labels, counts)
+            totals = table.sum(axis=1, keepdims=True)
+            tables[layer.name] = np.divide(
+                table, totals, out=np.zeros_like(table), where=totals > 0
+            )
+        self.class_expert = tables
+        return tables
+
+    def _class_tables(self, epoch):
+        if not self._class_layers:
+            return
+        tables = self.compute_class_tables()
+        if self._writers is not None:
+            for name, table in tables.items():
+                self._summary_image(
+                    self._writers["train"], f"{_safe_name(name)}/class_expert",
+                    self._class_figure(name, table), epoch,
+                )
+
+    def save_plots(self, plot_dir=None):
+        """Saves the PNG plots of the recorded history (and the latest class
+        tables) into `plot_dir` (default: the constructor's); returns the
+        paths written."""
+        from keras_moe import plotting
+
+        plot_dir = os.fspath(plot_dir) if plot_dir is not None else self.plot_dir
+        if plot_dir is None:
+            raise ValueError(
+                "save_plots needs a directory: pass plot_dir here or to "
+                "RoutingMonitor. Received: plot_dir=None"
+            )
+        history = self.history
+        if not history:
+            return []
+        os.makedirs(plot_dir, exist_ok=True)
+        paths = []
+        for name, record in history.items():
+            path = os.path.join(plot_dir, f"{_safe_name(name)}_expert_load.png")
+            plotting.plot_expert_load(
+                record, path, title=f"{name}: expert load per epoch "
+                "(share of the routing, epoch mean)",
+            )
+            paths.append(path)
+            if "task_expert_usage" in record:
+                path = os.path.join(plot_dir, f"{_safe_name(name)}_task_expert.png")
+                usage = record["task_expert_usage"][-1]
+                self._task_figure(name, usage, record["task_names"]).savefig(
+                    path, dpi=120, bbox_inches="tight", facecolor="white"
+                )
+                paths.append(path)
+        path = os.path.join(plot_dir, "dropped_fraction.png")
+        plotting.plot_dropped_fraction(history, path)
+        paths.append(path)
+        for name, table in self.class_expert.items():
+            path = os.path.join(plot_dir, f"{_safe_name(name)}_class_expert.png")
+            self._class_figure(name, table).savefig(
+                path, dpi=120, bbox_inches="tight", facecolor="white"
+            )
+            paths.append(path)
+        return paths
+
+
+def _name_list(name, value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(
+            f"{name} must be a list of layer names. Received: {name}={value!r}"
+        )
+    return list(value)
+
+
+def _class_data(class_data, class_names):
+    """Validated `(x, labels)` (labels: int64 class ids) and class names."""
+    if class_data is None:
+        if class_names is not None:
+            raise ValueError(
+                "class_names needs class_data=(x, labels). Received: "
+                f"class_names={class_names!r}, class_data=None"
+            )
+        return None, None
+    if not isinstance(class_data, (tuple, list)) or len(class_data) != 2:
+        raise ValueError(
+            "class_data must be a pair (x, labels). Received: "
+            f"class_data of type {type(class_data).__name__}"
+        )
+    x, labels = class_data
+    labels = np.asarray(labels)
+    if labels.ndim == 2:  # one-hot rows, or a column of class ids
+        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0]
+    numeric = np.issubdtype(labels.dtype, np.number) and not np.issubdtype(
+        labels.dtype, np.complexfloating
+    )
+    if labels.ndim != 1 or not numeric or not np.all(labels == np.round(labels)):
+        raise ValueError(
+            "class_data labels must be one integer class per example (or "
+            f"one-hot rows). Received: labels of shape {labels.shape} and "
+            f"dtype {labels.dtype}"
+        )
+    num_examples = len(keras.tree.flatten(x)[0])
+    if len(labels) != num_examples:
+        raise ValueError(
+            "class_data must have one label per example. Received: "
+            f"{num_examples} examples and {len(labels)} labels"
+        )
+    if len(labels) == 0 or labels.min() < 0:
+        raise ValueError(
+            "class_data labels must be class ids >= 0 (and not empty). "
+            f"Received: labels with minimum {labels.min() if len(labels) else None}"
+        )
+    num_classes = int(labels.max()) + 1
+    if class_names is None:
+        class_names = [str(c) for c in range(num_classes)]
+    else:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) < num_classes:
+            raise ValueError(
+                "class_names must name every class in the labels. Received: "
+                f"{len(class_names)} class_names for labels up to "
+                f"{num_classes - 1}"
+            )
+    return (x, labels.astype("int64")), class_names
