@@ -11,10 +11,23 @@ from keras_moe import boxes, losses, metrics  # noqa: E402
 from keras_moe import models, weighting  # noqa: E402
 from keras_moe import distribution  # noqa: E402
 
+
+def __getattr__(name):
+    # SavedModel / ONNX export, imported on first use so that
+    # `python -m keras_moe.export` does not find itself already imported.
+    if name in ("export_saved_model", "export_onnx"):
+        from keras_moe import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'keras_moe' has no attribute {name!r}")
+
+
 __all__ = [
     "boxes",
     "callbacks",
     "distribution",
+    "export_onnx",
+    "export_saved_model",
     "layers",
     "losses",
     "metrics",
