@@ -57,7 +57,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from keras_moe.callbacks import RoutingMetrics
+from keras_moe.callbacks import RoutingMetrics, RoutingMonitor
 from keras_moe.layers import (
     BoxHead,
     ClassificationHead,
@@ -334,6 +334,9 @@ def main():
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--output-dir", default="runs/cifar_multitask")
+    parser.add_argument("--plot-dir", default=None,
+                        help="where RoutingMonitor saves the routing plots "
+                             "(default: OUTPUT_DIR/plots; needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -363,10 +366,22 @@ def main():
     )
     print(f"{model.name}: {model.count_params():,} parameters")
     callbacks = [] if args.baseline else [RoutingMetrics()]
+    plot_dir = args.plot_dir or os.path.join(args.output_dir, "plots")
+    if not args.baseline:
+        try:  # load per epoch, class x expert (token_moe), task x expert (task_moe)
+            callbacks.append(RoutingMonitor(
+                plot_dir=plot_dir, class_data=(test_images, y_test),
+                class_names=[str(n) for n in names], log_scalars=False,
+            ))
+        except ImportError as error:  # matplotlib is an optional extra
+            print(f"No routing plots: {error}")
     start = time.time()
     model.fit(train, epochs=args.epochs, verbose=2, callbacks=callbacks)
     train_seconds = time.time() - start
     print(f"Training took {train_seconds:.0f} s")
+    if len(callbacks) > 1:
+        print(f"Saved routing plots to {plot_dir}: "
+              + ", ".join(sorted(os.listdir(plot_dir))))
 
     predictions = model.predict(test_images, batch_size=256, verbose=0)
     accuracy = float(np.mean(np.argmax(predictions["class"], -1) == y_test))
