@@ -310,7 +310,9 @@ class MixtureOfExperts(keras.layers.Layer):
         if self.k > 1:
             top = top / ops.sum(top, axis=-1, keepdims=True)
         plan = dispatch_ops.make_dispatch_plan(index, self.num_experts, capacity)
-        buffers = dispatch_ops.dispatch(flat, plan)  # (E, C, D)
+        buffers = dispatch_ops.dispatch(  # (E, C, D)
+            flat, plan, custom_gradient=bool(training)
+        )
         outputs = []
         for e, expert in enumerate(self.experts):
             examples = ops.reshape(buffers[e], (-1,) + self._input_inner)
@@ -318,7 +320,9 @@ class MixtureOfExperts(keras.layers.Layer):
         expert_outputs = ops.stack(outputs, axis=0)  # (E, C, O)
         if self.integration == "weighted_sum":
             # The combine of keras_moe.ops: the gathered pairs are not needed.
-            mixed = dispatch_ops.combine(expert_outputs, plan, top)
+            mixed = dispatch_ops.combine(
+                expert_outputs, plan, top, custom_gradient=bool(training)
+            )
             gathered = None
         else:
             mixed = None

@@ -284,10 +284,14 @@ class SparseMoE(keras.layers.Layer):
         routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
         weights = routing["combine_weights"]
         if self.dispatch == "sparse":
-            buffers = dispatch_ops.dispatch(tokens, plan)
+            buffers = dispatch_ops.dispatch(
+                tokens, plan, custom_gradient=bool(training)
+            )
             buffers = constrain(buffers, self, "expert_buffers")
             expert_outputs = constrain(self.experts(buffers), self, "expert_outputs")
-            outputs = dispatch_ops.combine(expert_outputs, plan, weights)
+            outputs = dispatch_ops.combine(
+                expert_outputs, plan, weights, custom_gradient=bool(training)
+            )
         else:
             everything = ops.broadcast_to(
                 tokens[None], (self.num_experts,) + tuple(ops.shape(tokens))

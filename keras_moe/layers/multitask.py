@@ -412,8 +412,12 @@ class MultiGateMoE(keras.layers.Layer):
 
         weights = stack([padded_weights(r) for r in routings])  # (N T, k)
         real_plan = self._pseudo_token_plan(plan, num_tokens)
-        buffers = dispatch_ops.dispatch(tokens, real_plan)
-        combined = dispatch_ops.combine(self.experts(buffers), plan, weights)
+        buffers = dispatch_ops.dispatch(
+            tokens, real_plan, custom_gradient=bool(training)
+        )
+        combined = dispatch_ops.combine(
+            self.experts(buffers), plan, weights, custom_gradient=bool(training)
+        )
         outputs = ops.transpose(
             ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1])),
             (1, 0, 2),

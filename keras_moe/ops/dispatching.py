@@ -20,6 +20,7 @@ token's other choices still count.
 
 from fractions import Fraction
 
+import keras
 from keras import ops
 
 
@@ -66,11 +67,17 @@ class DispatchPlan(dict):
     - `keep` `(N, k)` bool: the pair fits in its expert's buffer.
     - `slot` `(N, k)` int32: `expert * C + position` for kept pairs and the
       trash slot `E * C` for dropped ones.
-    - `slot_token` `(E * C,)` int32: the token held by each buffer row, `N`
-      for an empty row.
+    - `slot_pair` `(E * C,)` int32: the pair held by each buffer row, as
+      the flat index `n * k + j` into the `(N, k)` arrays, `N * k` for an
+      empty row.
+    - `slot_token` `(E * C,)` int32: the token held by each buffer row
+      (`slot_pair // k`), `N` for an empty row.
 
     plus the Python ints `num_experts` and `num_tokens`/`capacity` (or scalar
-    tensors when the token count is dynamic).
+    tensors when the token count is dynamic). A plan may describe `R = N T`
+    rows of `T` pseudo-tokens per real token (`MultiGateMoE`: one row per
+    token and task, token-major); `dispatch` then reads `slot_token` and
+    `num_tokens` of the real tokens.
     """
 
     def __getattr__(self, name):
@@ -153,21 +160,23 @@ def plan_from_positions(expert_index, position, num_experts, capacity, keep=None
     trash = num_experts * capacity
     slot = ops.where(keep, expert_index * capacity + position, trash)
 
-    token_ids = ops.arange(num_tokens, dtype="int32")
-    tokens = ops.broadcast_to(token_ids[:, None], (num_tokens, k))
-    # Inverse map: buffer row -> token. Dropped pairs all write the trash row
+    # Inverse map: buffer row -> pair. Dropped pairs all write the trash row
     # E*C (in any order), which is cut off.
-    empty = ops.full((trash + 1,), num_tokens, dtype="int32")
-    slot_token = ops.scatter_update(
-        empty, ops.reshape(slot, (-1, 1)), ops.reshape(tokens, (-1,))
-    )
-    slot_token = slot_token[:trash]
+    num_pairs = num_tokens * k
+    empty = ops.full((trash + 1,), num_pairs, dtype="int32")
+    slot_pair = ops.scatter_update(
+        empty,
+        ops.reshape(slot, (-1, 1)),
+        ops.arange(num_pairs, dtype="int32"),
+    )[:trash]
+    slot_token = ops.where(slot_pair < num_pairs, slot_pair // k, num_tokens)
 
     return DispatchPlan(
         expert_index=expert_index,
         position=position,
         keep=keep,
         slot=slot,
+        slot_pair=slot_pair,
         slot_token=slot_token,
         num_experts=num_experts,
         num_tokens=num_tokens,
@@ -175,12 +184,48 @@ def plan_from_positions(expert_index, position, num_experts, capacity, keep=None
     )
 
 
-def dispatch(tokens, plan):
+def _custom_gradient(forward, backward):
+    """`forward(*xs) -> (y, residuals)` with the gradient rule
+    `backward(residuals, dy) -> dxs`, as a `keras.ops.custom_gradient`
+    function of `xs` returning `y`."""
+
+    @ops.custom_gradient
+    def function(*xs):
+        y, residuals = forward(*xs)
+
+        def grad(*args, upstream=None):
+            # The output gradient is positional on TensorFlow and JAX, and
+            # the `upstream` keyword on torch.
+            return backward(residuals, args[0] if upstream is None else upstream)
+
+        return y, grad
+
+    def call(*xs):
+        # A variable read inside a TensorFlow custom gradient would need a
+        # `variables=` rule: read variables (e.g. passed straight in) first.
+        return function(
+            *(ops.copy(x) if isinstance(x, keras.Variable) else x for x in xs)
+        )
+
+    return call
+
+
+def dispatch(tokens, plan, custom_gradient=True):
     """Gathers tokens into expert buffers.
+
+    With `custom_gradient` (the default), a gather forward and a gather
+    backward: the gradient of token `n` is the sum of the gradients of the
+    buffer rows that hold it, `dx[n] = sum_j keep[n, j] * dbuf[slot[n, j]]`,
+    read through the plan instead of the scatter-add that autodiff makes of
+    a gather (a serial loop on XLA CPU). Layers pass
+    `custom_gradient=training`: an inference graph then holds plain gathers
+    only, which every exporter handles (a SavedModel exported from JAX
+    cannot trace the gradient of a custom rule under symbolic shapes).
 
     Args:
         tokens: `(N, d)`.
         plan: the `DispatchPlan` of these tokens.
+        custom_gradient: use the gather-only gradient rule.
 
     Returns:
         `(E, C, d)`: row `c` of expert `e` holds the token placed there, or
@@ -188,41 +233,86 @@ def dispatch(tokens, plan):
     """
     num_tokens = plan["num_tokens"]
     slot_token = plan["slot_token"]
-    # Gather with the "empty" marker N clamped to a real row, then zero the
-    # empty rows. (Padding `tokens` with a zero row instead makes XLA's
-    # compile time of the gradient explode on TensorFlow: minutes at N=1024.)
-    rows = ops.take(tokens, ops.minimum(slot_token, num_tokens - 1), axis=0)
-    filled = ops.cast(slot_token < num_tokens, rows.dtype)[:, None]
-    buffers = rows * filled
+    # The "empty" marker N is clamped to a real row and zeroed. (Padding
+    # `tokens` with a zero row instead makes XLA's compile time of the
+    # gradient explode on TensorFlow: minutes at N=1024.)
+    source = ops.minimum(slot_token, num_tokens - 1)
+    filled = slot_token < num_tokens
+    rows = plan["num_experts"] * plan["capacity"]
+
+    def forward(tokens):
+        buffers = ops.take(tokens, source, axis=0)
+        return buffers * ops.cast(filled, buffers.dtype)[:, None], None
+
+    def backward(_, upstream):
+        g = ops.take(upstream, ops.minimum(plan["slot"], rows - 1), axis=0)
+        g = g * ops.cast(plan["keep"], g.dtype)[..., None]  # (R, k, d)
+        # R = N T rows (T pseudo-tokens per token, token-major).
+        g = ops.reshape(g, (num_tokens, -1, ops.shape(g)[-1]))
+        return ops.sum(g, axis=1)
+
+    tokens = ops.convert_to_tensor(tokens)
+    if custom_gradient:
+        buffers = _custom_gradient(forward, backward)(tokens)
+    else:
+        buffers = forward(tokens)[0]
     d = ops.shape(tokens)[-1]
     return ops.reshape(buffers, (plan["num_experts"], plan["capacity"], d))
 
 
-def combine(expert_outputs, plan, combine_weights):
+def combine(expert_outputs, plan, combine_weights, custom_gradient=True):
     """Gathers expert outputs back to their tokens and mixes them.
 
     `y[n] = sum_j keep[n, j] * w[n, j] * out[e_nj, pos_nj]`
+
+    With `custom_gradient` (the default; see `dispatch`) the gradients are
+    gathers too: `dout[s] = w[pair(s)] * dy[token(s)]` for the pair held by
+    buffer row `s`, and `dw[n, j] = keep[n, j] * <out[slot[n, j]], dy[n]>`.
 
     Args:
         expert_outputs: `(E, C, o)`.
         plan: the `DispatchPlan` used to dispatch.
         combine_weights: `(N, k)` router weights.
+        custom_gradient: use the gather-only gradient rule.
 
     Returns:
         `(N, o)`.
     """
-    o = ops.shape(expert_outputs)[-1]
-    flat = ops.reshape(expert_outputs, (-1, o))
+    rows = plan["num_experts"] * plan["capacity"]
     # Dropped pairs point at the trash slot E*C: clamp it to a real row and
     # give it weight 0.
-    last = plan["num_experts"] * plan["capacity"] - 1
-    gathered = ops.take(flat, ops.minimum(plan["slot"], last), axis=0)  # (N, k, o)
-    weights = ops.where(
-        plan["keep"], ops.cast(combine_weights, gathered.dtype), 0.0
-    )
-    # A multiply and a sum over k, not einsum("nk,nko->no"): backends lower
-    # that einsum to N tiny batched matmuls (torch: 24% of a training step).
-    return ops.sum(weights[:, :, None] * gathered, axis=1)
+    slot = ops.minimum(plan["slot"], rows - 1)
+    keep = plan["keep"]
+
+    def forward(expert_outputs, combine_weights):
+        flat = ops.reshape(expert_outputs, (rows, ops.shape(expert_outputs)[-1]))
+        gathered = ops.take(flat, slot, axis=0)  # (N, k, o)
+        weights = ops.where(keep, ops.cast(combine_weights, gathered.dtype), 0.0)
+        # A multiply and a sum over k, not einsum("nk,nko->no"): backends
+        # lower that einsum to N tiny batched matmuls.
+        y = ops.sum(weights[:, :, None] * gathered, axis=1)
+        return y, (gathered, weights)
+
+    def backward(residuals, upstream):  # upstream: (N, o)
+        gathered, weights = residuals
+        flat_weights = ops.reshape(weights, (-1,))
+        num_pairs = ops.shape(flat_weights)[0]
+        held = plan["slot_pair"] < num_pairs
+        pair = ops.minimum(plan["slot_pair"], num_pairs - 1)
+        slot_weights = ops.where(held, ops.take(flat_weights, pair, axis=0), 0.0)
+        token = ops.minimum(plan["slot_token"], plan["num_tokens"] - 1)
+        d_out = ops.take(upstream, token, axis=0) * slot_weights[:, None]
+        d_weights = ops.where(keep, ops.sum(gathered * upstream[:, None, :], -1), 0.0)
+        return (
+            ops.cast(ops.reshape(d_out, ops.shape(expert_outputs)), expert_outputs.dtype),
+            ops.cast(d_weights, combine_weights.dtype),
+        )
+
+    expert_outputs = ops.convert_to_tensor(expert_outputs)
+    combine_weights = ops.convert_to_tensor(combine_weights)
+    if custom_gradient:
+        return _custom_gradient(forward, backward)(expert_outputs, combine_weights)
+    return forward(expert_outputs, combine_weights)[0]
 
 
 def choice_matrix(weights, expert_index, num_experts):

@@ -166,3 +166,67 @@ def test_top_k_matches_keras_top_k(k):
         keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(expected_values)
     )
     assert keras.backend.standardize_dtype(indices.dtype) == "int32"
+
+
+class _DispatchCombine(keras.layers.Layer):
+    """tokens x W -> dispatch -> per-expert scale -> combine with trainable
+    weights: gradients reach W through `dispatch`, the scales and the
+    weights through `combine`. `rows_per_token` > 1 routes `T` pseudo-token
+    rows per token, as `MultiGateMoE` does (one row per task)."""
+
+    def __init__(self, expert_index, num_experts, capacity, rows_per_token, custom):
+        super().__init__()
+        self.expert_index = expert_index
+        self.num_experts, self.capacity = num_experts, capacity
+        self.rows_per_token, self.custom = rows_per_token, custom
+
+    def build(self, input_shape):
+        n, d = input_shape
+        k = self.expert_index.shape[1]
+        self.w = self.add_weight(shape=(d, d), initializer="glorot_uniform")
+        self.scale = self.add_weight(shape=(self.num_experts, 1, d), initializer="ones")
+        self.weights_ = self.add_weight(
+            shape=(n * self.rows_per_token, k), initializer="random_uniform"
+        )
+
+    def call(self, x):
+        n, t = keras.ops.shape(x)[0], self.rows_per_token
+        plan = moe_ops.make_dispatch_plan(self.expert_index, self.num_experts, self.capacity)
+        token_plan = moe_ops.DispatchPlan(
+            plan, slot_token=plan["slot_token"] // t, num_tokens=n
+        )
+        buffers = moe_ops.dispatch(keras.ops.matmul(x, self.w), token_plan, self.custom)
+        y = moe_ops.combine(buffers * self.scale, plan, self.weights_, self.custom)
+        return keras.ops.reshape(y, (n, -1))
+
+
+@pytest.mark.parametrize("rows_per_token,capacity_factor", [(1, 0.5), (1, None), (3, 0.75)])
+def test_gather_gradients_equal_autodiff(rows_per_token, capacity_factor):
+    """The custom (gather-only) gradients of dispatch and combine equal the
+    autodiff gradients of the plain gathers, with dropped pairs and with
+    pseudo-token rows."""
+    n, d, e, k = 12, 4, 5, 2
+    rng = np.random.default_rng(7)
+    rows = n * rows_per_token
+    logits = rng.normal(size=(rows, e)) + rng.normal(scale=2.0, size=e)
+    expert_index = np.argsort(-logits, axis=1)[:, :k].astype("int32")
+    capacity = moe_ops.compute_capacity(rows, e, k, capacity_factor)
+    x = rng.normal(size=(n, d)).astype("float32")
+    target = rng.normal(size=(n, rows_per_token * d)).astype("float32")
+    results = []
+    for custom in (True, False):
+        keras.utils.set_random_seed(3)
+        layer = _DispatchCombine(expert_index, e, capacity, rows_per_token, custom)
+        inputs = keras.Input((d,), batch_size=n)
+        model = keras.Model(inputs, layer(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        before = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+        outputs = keras.ops.convert_to_numpy(model(x))
+        model.train_on_batch(x, target)
+        after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+        results.append((outputs, [b - a for b, a in zip(before, after)]))
+    (y_custom, g_custom), (y_plain, g_plain) = results
+    np.testing.assert_allclose(y_custom, y_plain, rtol=0, atol=1e-6)
+    for gc, gp in zip(g_custom, g_plain):
+        assert np.abs(gp).max() > 0
+        np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-6)
