@@ -359,16 +359,18 @@ def export_onnx(model, path, *, input_signature=None, opset_version=None,
     """Exports `model` to an ONNX file with `model.export(format="onnx")`,
     and checks that ONNX Runtime can load it.
 
-    Works on every backend for models made of dense layers and the
-    dense-gated multi-task layers (`MultiGateMoE` with `k=None`, `CGC`,
-    `SoftMoE`, `MixtureOfExperts` with `k=None`, the heads); the sparse
-    routers (`SparseMoE`, top-k gates) do not convert on any backend with the
-    current converters, and some converters write files that ONNX Runtime
-    rejects: with `check=True` such a file is removed and an error raised.
+    Works on every backend for models made of dense layers, `SoftMoE`,
+    `MultiGateMoE` with dense gates (`k=None`), a one-input `CGC` and the
+    heads; top-k routing (`SparseMoE`'s `TopKRouter`, `MultiGateMoE(k=...)`,
+    top-k `MixtureOfExperts`) converts on no backend with the current
+    converters. Some converters write files that ONNX Runtime rejects: with
+    `check=True` such a file is removed and an error raised.
     docs/export.md lists what works where, with the converters' messages.
 
-    On torch the batch dimension is dynamic (Keras uses the TorchScript
-    exporter then); on TensorFlow (tf2onnx) and JAX (jax2onnx) too.
+    The batch dimension is dynamic on every backend (on torch, Keras then
+    uses the TorchScript exporter). On JAX the model is traced in a
+    `keras.StatelessScope`, so that the routing-statistics updates of our
+    layers do not leave tracers in its variables.
 
     Args:
         model: a built Keras model.

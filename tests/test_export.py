@@ -6,6 +6,7 @@ subprocess route is also forced (`in_subprocess=True`) on every backend for
 the tests of custom-layer modules and error reporting.
 """
 
+import doctest
 import importlib.util
 import os
 import runpy
@@ -281,3 +282,9 @@ def test_onnx_export_of_sparse_routing_works_or_fails_clearly(tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(output, model.predict(x, verbose=0), atol=1e-5)
+
+
+@needs_onnx
+def test_docstring_examples_run():
+    result = doctest.testmod(export_lib, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
