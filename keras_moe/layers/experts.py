@@ -1,7 +1,19 @@
+import re
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe.layers import _validation as check
+
+# The kernels of an expert bank, in the order they are saved; each has the
+# expert axis first and its input axis second: (E, in, out).
+KERNEL_NAMES = ("kernel_in", "kernel_gate", "kernel_out")
+BIAS_NAMES = ("bias_in", "bias_gate", "bias_out")
+# The weights-file entry of a quantised bank that records whether its
+# activations are quantised too (the bank's own config is not saved when an
+# MoE layer owns it: the MoE layer rebuilds it from its own config).
+_ACTIVATION_FLAG = "int8_activations"
 
 
 def per_expert_initializer(initializer, num_experts):
@@ -42,6 +54,55 @@ def expert_options_config(experts):
     return {name: config[name] for name in EXPERT_OPTIONS}
 
 
+def _resolved_policy(layer):
+    """The dtype policy that applies to `layer` (resolving a policy map)."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path] if layer.path else policy.default_policy
+    return policy
+
+
+def quantized_dtype_config(layer, config):
+    """`config` (from `layer.get_config()`) with the dtype policies of the
+    quantised layers under `layer` recorded, so that `from_config` rebuilds
+    them quantised.
+
+    A layer that owns expert banks creates them from its own config with
+    `dtype=layer.dtype_policy`, so a bank's own quantised policy would be
+    lost on reload. This replaces `config["dtype"]` by a
+    `keras.dtype_policies.DTypePolicyMap` whose default is the layer's
+    policy and which maps the path of each quantised sublayer below the
+    layer (a pattern `(.*/)?<layer name>/<sublayer path>`, so the layer may
+    sit in another model or scope on reload) to its `int8_from_...` policy.
+    Unchanged if nothing under `layer` is quantised. Every keras_moe layer
+    that owns an `Experts` bank calls this at the end of `get_config`;
+    call it in your own layers that own one.
+    """
+    entries = {}
+    prefix = f"{layer.path}/" if layer.path else None
+    for sublayer in layer._flatten_layers(include_self=False):
+        if not sublayer.path:
+            continue
+        policy = _resolved_policy(sublayer)
+        if policy.quantization_mode is None:
+            continue
+        if prefix and sublayer.path.startswith(prefix):
+            relative = sublayer.path[len(prefix):]
+        else:
+            relative = sublayer.path.split("/")[-1]
+        pattern = "(?:.*/)?" + re.escape(f"{layer.name}/{relative}")
+        entries[pattern] = policy
+    if not entries:
+        return config
+    default = layer.dtype_policy
+    if isinstance(default, keras.dtype_policies.DTypePolicyMap):
+        default = default.default_policy
+    config["dtype"] = keras.dtype_policies.serialize(
+        keras.dtype_policies.DTypePolicyMap(default_policy=default, policy_map=entries)
+    )
+    return config
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class Experts(keras.layers.Layer):
     """A bank of `E` feed-forward experts run as one batched einsum.
@@ -59,6 +120,20 @@ class Experts(keras.layers.Layer):
     run in one `einsum("ecd,edh->ech")`, so the cost is that of the tokens in
     the buffers, whatever `E`.
 
+    int8: `layer.quantize("int8")` (or `model.quantize("int8")`, which
+    reaches every bank of every MoE layer) replaces each kernel `W (E, i, o)`
+    by int8 values `q` and float32 scales `s (E, o)`, one per expert and
+    output channel: `s[e, j] = 127 / max_i |W[e, i, j]|`,
+    `q = round(W s)`, `W ~ q / s`. With Keras' default
+    `Int8QuantizationConfig()` the inputs of each matmul are quantised too,
+    per row (token): `x ~ q_x / s_x`, `x W ~ (q_x q) / (s_x s)`, an
+    int8 x int8 matmul; with `Int8QuantizationConfig(
+    activation_quantizer=None)` only the weights are (`x W ~ (x q) / s`).
+    Biases stay float and trainable; the int8 kernels and scales are not
+    trainable; gradients still flow to the inputs (straight through the
+    rounding of the activations). A quantised bank saves and loads with
+    `.keras`, also inside an MoE layer. See docs/compression.md.
+
     Args:
         num_experts: `E`, the number of experts.
         hidden_dim: `h`, the hidden width of each expert.
@@ -71,6 +146,9 @@ class Experts(keras.layers.Layer):
         bias_initializer: initializer of the biases.
         kernel_regularizer: regularizer applied to each kernel.
         bias_regularizer: regularizer applied to each bias.
+        quantization_config: set by `quantize("int8", config=...)` and kept
+            in the config of a quantised bank (a
+            `keras.quantizers.Int8QuantizationConfig`); leave it `None`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -84,8 +162,11 @@ class Experts(keras.layers.Layer):
 
     >>> import numpy as np
     >>> experts = Experts(num_experts=4, hidden_dim=32, output_dim=8)
-    >>> experts(np.zeros((4, 10, 16), "float32")).shape
+    >>> tuple(experts(np.zeros((4, 10, 16), "float32")).shape)
     (4, 10, 8)
+    >>> experts.quantize("int8")
+    >>> experts.kernel_in.dtype, tuple(experts(np.zeros((4, 10, 16), "float32")).shape)
+    ('int8', (4, 10, 8))
 
     References:
         Shazeer et al. Outrageously Large Neural Networks: The Sparsely-Gated
@@ -105,6 +186,7 @@ class Experts(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        quantization_config=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -115,6 +197,11 @@ class Experts(keras.layers.Layer):
             if output_dim is None
             else check.positive_int("output_dim", output_dim)
         )
+        if isinstance(quantization_config, dict):
+            quantization_config = keras.saving.deserialize_keras_object(
+                quantization_config
+            )
+        self.quantization_config = quantization_config
         self.activation = keras.activations.get(activation)
         self.gated = bool(gated)
         self.use_bias = bool(use_bias)
@@ -164,9 +251,14 @@ class Experts(keras.layers.Layer):
                 regularizer=self.bias_regularizer,
             )
 
-        self.kernel_in = kernel("kernel_in", (e, d, h))
-        self.kernel_gate = kernel("kernel_gate", (e, d, h)) if self.gated else None
-        self.kernel_out = kernel("kernel_out", (e, h, o))
+        if self.quantization_mode is None:
+            self.kernel_in = kernel("kernel_in", (e, d, h))
+            self.kernel_gate = kernel("kernel_gate", (e, d, h)) if self.gated else None
+            self.kernel_out = kernel("kernel_out", (e, h, o))
+        else:  # revived from the config of a quantised bank
+            self.quantized_build(
+                input_shape, self.quantization_mode, self.quantization_config
+            )
         if self.use_bias:
             self.bias_in = bias("bias_in", (e, h))
             self.bias_gate = bias("bias_gate", (e, h)) if self.gated else None
@@ -212,5 +304,220 @@ class Experts(keras.layers.Layer):
                 self.kernel_regularizer
             ),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+            quantization_config=keras.saving.serialize_keras_object(
+                self.quantization_config
+            ),
         )
         return config
+
+    # int8 quantisation ---------------------------------------------------
+    # Keras' hook: `Model.quantize` calls `quantize` on every leaf layer;
+    # `Layer.__call__` runs `quantized_call` -> `_int8_call` instead of `call`
+    # once the dtype policy is `int8_from_<policy>`.
+
+    def _kernel_names(self):
+        return [n for n in KERNEL_NAMES if getattr(self, n, None) is not None]
+
+    def _bias_names(self):
+        return [n for n in BIAS_NAMES if getattr(self, n, None) is not None]
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantises the kernels to int8 in place (Keras' `quantize` hook).
+
+        Per expert and output channel abs-max scales (see the class
+        docstring). `config` is a `keras.quantizers.Int8QuantizationConfig`:
+        its `activation_quantizer` (default: per-row `AbsMaxQuantizer`;
+        `None` for weight-only) and the value range of its
+        `weight_quantizer` are used; the weight scales always reduce over the
+        input axis of each expert. Only `mode="int8"` is supported.
+        """
+        if type_check and type(self) is not Experts:
+            raise self._not_implemented_error(self.quantize)
+        if mode != "int8":
+            raise NotImplementedError(
+                "Experts supports only int8 quantization. Received: "
+                f"mode={mode!r}"
+            )
+        weight_quantizer = keras.quantizers.QuantizationConfig.weight_quantizer_or_default(
+            config, keras.quantizers.AbsMaxQuantizer()
+        )
+        values = {}
+        for name in self._kernel_names():
+            kernel = getattr(self, name)
+            quantized, scale = weight_quantizer(kernel, axis=1, to_numpy=True)
+            scale = ops.convert_to_numpy(scale)
+            expected = (kernel.shape[0], 1, kernel.shape[2])
+            if tuple(scale.shape) != expected:
+                raise ValueError(
+                    "The weight quantizer must return one scale per expert "
+                    f"and output channel, {expected}. Received: scale shape "
+                    f"{tuple(scale.shape)} for {name} {tuple(kernel.shape)}"
+                )
+            values[name] = (quantized, scale[:, 0, :])
+        shapes = {name: tuple(getattr(self, name).shape) for name in values}
+        for name in values:
+            # Untrack the float kernel (as `Layer.__delattr__` does, without
+            # its `gc.collect()` per variable: about 0.3 s each).
+            self._untrack_variable(getattr(self, name))
+            super(keras.layers.Layer, self).__delattr__(name)
+        self.quantized_build(None, mode, config, kernel_shapes=shapes)
+        for name, (quantized, scale) in values.items():
+            getattr(self, name).assign(quantized)
+            getattr(self, f"{name}_scale").assign(scale)
+        current = _resolved_policy(self)
+        if current.quantization_mode is None:
+            # Under a policy map (an MoE layer revived from a config), the
+            # setter records the new policy in the map at this layer's path.
+            self.dtype_policy = keras.dtype_policies.get(
+                f"{mode}_from_{current.name}"
+            )
+
+    def quantized_build(self, input_shape, mode, config=None, kernel_shapes=None):
+        if mode != "int8":
+            raise NotImplementedError(
+                "Experts supports only int8 quantization. Received: "
+                f"mode={mode!r}"
+            )
+        if kernel_shapes is None:
+            d = input_shape[-1]
+            e, h = self.num_experts, self.hidden_dim
+            o = self.output_dim or d
+            kernel_shapes = {"kernel_in": (e, d, h), "kernel_out": (e, h, o)}
+            if self.gated:
+                kernel_shapes["kernel_gate"] = (e, d, h)
+        self._int8_build(kernel_shapes, config)
+        self._is_quantized = True
+
+    def _int8_build(self, kernel_shapes, config=None):
+        self.quantization_config = config
+        self.inputs_quantizer = (
+            keras.quantizers.QuantizationConfig.activation_quantizer_or_default(
+                config, keras.quantizers.AbsMaxQuantizer()
+            )
+        )
+        self.kernel_gate = None
+        for name in KERNEL_NAMES:
+            if name not in kernel_shapes:
+                continue
+            shape = tuple(kernel_shapes[name])
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    name=name,
+                    shape=shape,
+                    initializer="zeros",
+                    dtype="int8",
+                    trainable=False,
+                ),
+            )
+            setattr(
+                self,
+                f"{name}_scale",
+                self.add_weight(
+                    name=f"{name}_scale",
+                    shape=(shape[0], shape[2]),
+                    initializer="ones",
+                    trainable=False,
+                ),
+            )
+
+    def _int8_matmul(self, x, name):
+        """`x (E, C, i) @ W (E, i, o)` with `W ~ q / s` int8."""
+        kernel = ops.convert_to_tensor(getattr(self, name))
+        scale = ops.cast(getattr(self, f"{name}_scale"), self.compute_dtype)
+        scale = scale[:, None, :]
+        if self.inputs_quantizer is None:  # weight-only
+            float_kernel = ops.cast(kernel, self.compute_dtype)
+            return ops.einsum("eci,eio->eco", x, float_kernel) / scale
+        quantizer = self.inputs_quantizer
+        compute_dtype = self.compute_dtype
+
+        @ops.custom_gradient
+        def matmul(x, kernel, scale):
+            def grad_fn(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                # Straight through the rounding of x: the gradient of x W.
+                float_kernel = ops.cast(kernel, compute_dtype)
+                grad = ops.einsum("eco,eio->eci", upstream / scale, float_kernel)
+                return grad, None, None
+
+            quantized, x_scale = quantizer(x, axis=-1)  # x_scale (E, C, 1)
+            products = ops.einsum("eci,eio->eco", quantized, kernel)  # int32
+            outputs = ops.cast(products, compute_dtype) / (
+                ops.cast(x_scale, compute_dtype) * scale
+            )
+            return outputs, grad_fn
+
+        return matmul(x, kernel, scale)
+
+    def _int8_call(self, inputs, training=None):
+        hidden = self._int8_matmul(inputs, "kernel_in")
+        if self.use_bias:
+            hidden = hidden + self.bias_in[:, None, :]
+        if self.gated:
+            gate = self._int8_matmul(inputs, "kernel_gate")
+            if self.use_bias:
+                gate = gate + self.bias_gate[:, None, :]
+            hidden = self.activation(gate) * hidden
+        else:
+            hidden = self.activation(hidden)
+        outputs = self._int8_matmul(hidden, "kernel_out")
+        if self.use_bias:
+            outputs = outputs + self.bias_out[:, None, :]
+        return outputs
+
+    def _int8_variable_names(self):
+        kernels = self._kernel_names()
+        return kernels + self._bias_names() + [f"{n}_scale" for n in kernels]
+
+    def save_own_variables(self, store):
+        if not self.built or self.quantization_mode is None:
+            return super().save_own_variables(store)
+        for i, name in enumerate(self._int8_variable_names()):
+            store[str(i)] = getattr(self, name)
+        store[_ACTIVATION_FLAG] = np.array(self.inputs_quantizer is not None, "int8")
+
+    def load_own_variables(self, store):
+        quantized_store = _ACTIVATION_FLAG in store
+        if self.built and quantized_store and self.quantization_mode is None:
+            # A quantised bank saved inside an MoE layer: the MoE layer has
+            # rebuilt it as float from its own config; quantise it first.
+            activations = bool(np.asarray(store[_ACTIVATION_FLAG]))
+            self.quantize(
+                "int8",
+                config=keras.quantizers.Int8QuantizationConfig(
+                    activation_quantizer="default" if activations else None
+                ),
+            )
+        if not self.built or self.quantization_mode is None:
+            if quantized_store:
+                raise ValueError(
+                    f"Layer '{self.name}' is not built and cannot load the "
+                    "weights of a quantised expert bank."
+                )
+            return super().load_own_variables(store)
+        if not quantized_store:
+            raise ValueError(
+                f"Layer '{self.name}' is quantised ({self.quantization_mode}) "
+                "and cannot load the weights of a float expert bank: load "
+                "them into a float bank, then call quantize()."
+            )
+        names = self._int8_variable_names()
+        if len(store.keys()) != len(names) + 1:
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(names)} variables, but "
+                f"received {len(store.keys()) - 1} variables during loading. "
+                f"Expected: {names}"
+            )
+        for i, name in enumerate(names):
+            getattr(self, name).assign(store[str(i)])
+        activations = bool(np.asarray(store[_ACTIVATION_FLAG]))
+        if activations != (self.inputs_quantizer is not None):
+            self.inputs_quantizer = (
+                keras.quantizers.AbsMaxQuantizer() if activations else None
+            )
+            self.quantization_config = keras.quantizers.Int8QuantizationConfig(
+                activation_quantizer="default" if activations else None
+            )

@@ -14,7 +14,7 @@ from keras import ops
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
-from keras_moe.layers.experts import per_expert_initializer
+from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
 from keras_moe.layers.routers import TopKRouter, default_router_initializer
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import selection
@@ -546,7 +546,7 @@ class MultiGateMoE(keras.layers.Layer):
             ),
             task_names=list(self.task_names),
         )
-        return config
+        return quantized_dtype_config(self, config)
 
 
 def _is_shape_list(shape):
@@ -909,7 +909,7 @@ class CGC(keras.layers.Layer):
             ),
             task_names=list(self.task_names),
         )
-        return config
+        return quantized_dtype_config(self, config)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -1090,7 +1090,7 @@ class PLE(keras.layers.Layer):
             **{name: first[name] for name in _EXPERT_AND_GATE_OPTIONS},
             task_names=list(self.task_names),
         )
-        return config
+        return quantized_dtype_config(self, config)
 
 
 _EXPERT_AND_GATE_OPTIONS = (

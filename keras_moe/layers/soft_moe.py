@@ -4,6 +4,7 @@ from keras import ops
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
+from keras_moe.layers.experts import quantized_dtype_config
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -179,4 +180,4 @@ class SoftMoE(keras.layers.Layer):
             slot_initializer=keras.initializers.serialize(self.slot_initializer),
             **expert_options_config(self.experts),
         )
-        return config
+        return quantized_dtype_config(self, config)
