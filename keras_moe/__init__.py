@@ -10,6 +10,7 @@ from keras_moe import callbacks, layers, ops  # noqa: E402
 from keras_moe import boxes, losses, metrics  # noqa: E402
 from keras_moe import models, weighting  # noqa: E402
 from keras_moe import distribution  # noqa: E402
+from keras_moe import compression  # noqa: E402
 
 
 def __getattr__(name):

@@ -1,0 +1,234 @@
+"""Expert usage over a dataset and expert pruning (keras_moe.compression)."""
+
+import doctest
+import os
+import tempfile
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_moe import compression
+from keras_moe.compression import expert_usage, prune_experts, select_experts
+from keras_moe.layers import (
+    CGC,
+    BoxHead,
+    ClassificationHead,
+    ExpertChoiceRouter,
+    Experts,
+    MultiGateMoE,
+    SoftMoE,
+    SparseMoE,
+    TopKRouter,
+    default_compile_args,
+)
+from tests.compression_helpers import randomize, to_numpy, zeros
+
+
+def moe_model(moe, shape=(4, 8)):
+    inputs = keras.Input(shape)
+    return randomize(keras.Model(inputs, moe(inputs)))
+
+
+def test_expert_usage_counts_every_batch():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 4, 8)).astype("float32")  # batches of 16, 16 and 8
+    model = moe_model(zeros(SparseMoE, 6, 8, k=2, eval_capacity_factor=None, name="moe"))
+    usage = expert_usage(model, x, batch_size=16)
+    # Reference: the router's choices for all 160 tokens at once.
+    routing = model.get_layer("moe").router(x.reshape(-1, 8))
+    counts = np.bincount(to_numpy(routing["expert_index"]).ravel(), minlength=6)
+    np.testing.assert_allclose(usage["moe"], counts / counts.sum(), atol=1e-6)
+    # A generator of (x, y) batches gives the same; steps limits it.
+    batches = ((x[i : i + 16], None) for i in range(0, 40, 16))
+    np.testing.assert_allclose(expert_usage(model, batches)["moe"], usage["moe"])
+    first = expert_usage(model, x, batch_size=16, steps=1)["moe"]
+    index = to_numpy(model.get_layer("moe").router(x[:16].reshape(-1, 8))["expert_index"])
+    np.testing.assert_allclose(first, np.bincount(index.ravel(), minlength=6) / 128)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        expert_usage(moe_model(keras.layers.Dense(3)), x)
+
+
+def numpy_experts(weights, kept, x):
+    """`FFN_e(x)` for the kept experts, `(len(kept), N, o)`, GELU experts."""
+    gelu = lambda v: to_numpy(keras.activations.gelu(v))  # noqa: E731
+    out = []
+    for e in kept:
+        h = gelu(x @ weights["kernel_in"][e] + weights["bias_in"][e])
+        out.append(h @ weights["kernel_out"][e] + weights["bias_out"][e])
+    return np.stack(out)
+
+
+def test_pruned_layer_matches_reference_from_kept_experts():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 4, 8)).astype("float32")
+    moe = zeros(SparseMoE, 6, 12, k=2, eval_capacity_factor=None, name="moe")
+    model = moe_model(moe)
+    weights = {v.path.split("/")[-1]: to_numpy(v) for v in moe.experts.weights}
+    router_kernel = to_numpy(moe.router.kernel)
+    kept = [0, 2, 5]
+    pruned = prune_experts(model, {"moe": kept})
+    layer = pruned.get_layer("moe")
+    assert (layer.num_experts, layer.k, layer.router.num_experts) == (3, 2, 3)
+
+    tokens = x.reshape(-1, 8)
+    logits = tokens @ router_kernel[:, kept]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1)[:, :2]
+    w = np.take_along_axis(probs, top, -1)
+    w /= w.sum(-1, keepdims=True)
+    ffn = numpy_experts(weights, kept, tokens)  # (3, N, 8)
+    n = np.arange(len(tokens))
+    expected = w[:, 0, None] * ffn[top[:, 0], n] + w[:, 1, None] * ffn[top[:, 1], n]
+    got = pruned.predict(x, verbose=0).reshape(-1, 8)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pruning_unused_experts_changes_nothing():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(32, 4, 8)).astype("float32")
+    # Custom TopKRouter with a bias, a selection bias and noise: all sliced.
+    router = zeros(TopKRouter, 6, k=2, use_bias=True, noisy_gating=True, bias_update_rate=0.01)
+    moe = zeros(SparseMoE, 6, 12, router=router, eval_capacity_factor=None, name="moe")
+    inputs = keras.Input((4, 8))
+    tokens = moe(inputs)
+    pooled = keras.layers.GlobalAveragePooling1D()(tokens)
+    gates = [zeros(TopKRouter, 5, k=2, use_bias=True, name=f"gate_{t}") for t in range(2)]
+    a, b = zeros(MultiGateMoE, 2, 5, 8, routers=gates, name="mmoe")(pooled)
+    model = randomize(keras.Model(inputs, [a, b]))
+    # Experts 1 and 4 of the token MoE, 3 of the MMoE: never in any top-k.
+    router.bias.assign(np.array([0, -1e3, 0, 0, -1e3, 0], "float32"))
+    for gate in gates:
+        gate.bias.assign(np.array([0, 0, 0, -1e3, 0], "float32"))
+    expected = model.predict(x, verbose=0)
+    usage = expert_usage(model, x)
+    assert usage["moe"][[1, 4]].max() == 0 and usage["mmoe"][3] == 0
+    keep = {"moe": [0, 2, 3, 5], "mmoe": [0, 1, 2, 4]}
+    pruned = prune_experts(model, keep, usage=usage)
+    for got, want in zip(pruned.predict(x, verbose=0), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    new_router = pruned.get_layer("moe").router
+    for name in ("kernel", "bias", "noise_kernel", "selection_bias"):
+        old = to_numpy(getattr(router, name))
+        np.testing.assert_array_equal(
+            to_numpy(getattr(new_router, name)), old[..., [0, 2, 3, 5]]
+        )
+    np.testing.assert_array_equal(
+        to_numpy(pruned.get_layer("mmoe").routers[1].bias), [0, 0, 0, 0]
+    )
+
+
+def test_select_experts_keeps_the_most_used():
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, zeros(SparseMoE, 5, 8, name="moe")(inputs))
+    usage = {"moe": np.array([0.1, 0.4, 0.0, 0.4, 0.1])}  # ties: lower index
+    assert select_experts(model, 3, usage) == {"moe": [0, 1, 3]}
+    assert select_experts(model, {"moe": 1}, usage) == {"moe": [1]}
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        select_experts(model, 2, {"moe": np.ones(4)})
+
+
+def test_pruned_model_trains_saves_and_caps_k():
+    rng = np.random.default_rng(3)
+    x = rng.random((32, 4, 8)).astype("float32")
+    y = {"class": rng.integers(0, 3, 32),
+         "box": np.tile([[0.2, 0.2, 0.6, 0.6]], (32, 1)).astype("float32")}
+    inputs = keras.Input((4, 8))
+    tokens = zeros(SparseMoE, 4, 8, k=2, name="moe")(inputs)
+    tokens = tokens + zeros(SoftMoE, 3, 8, slots_per_expert=2, name="soft")(tokens)
+    pooled = keras.layers.GlobalAveragePooling1D()(tokens)
+    a, b = zeros(MultiGateMoE, 2, 4, 8, name="mmoe")(pooled)  # dense gates
+    model = keras.Model(inputs, {"class": zeros(ClassificationHead, 3, name="class")(a),
+                                 "box": BoxHead(name="box")(b)})
+    randomize(model)
+    model.predict_on_batch(x)  # routing statistics of one batch
+    pruned = prune_experts(model, 1)  # last-batch statistics
+    assert [pruned.get_layer(n).num_experts for n in ("moe", "soft", "mmoe")] == [1, 1, 1]
+    assert pruned.get_layer("moe").k == 1
+    soft, kept = model.get_layer("soft"), select_experts(model, 1)["soft"][0]
+    np.testing.assert_array_equal(
+        to_numpy(pruned.get_layer("soft").slot_kernel),
+        to_numpy(soft.slot_kernel)[:, 2 * kept : 2 * kept + 2],
+    )
+    pruned.compile("adam", **default_compile_args(pruned))
+    history = pruned.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    expected = pruned.predict(x, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pruned.keras")
+        pruned.save(path)
+        reloaded = keras.saving.load_model(path)
+    again = reloaded.predict(x, verbose=0)
+    for name in expected:
+        np.testing.assert_array_equal(again[name], expected[name])
+
+
+def test_pruning_a_quantized_model_equals_quantizing_the_pruned_one():
+    x = np.random.default_rng(4).random((8, 4, 8)).astype("float32")
+    model = moe_model(zeros(SparseMoE, 5, 16, k=2, eval_capacity_factor=None, name="moe"))
+    keep = {"moe": [1, 2, 4]}
+    float_pruned = prune_experts(model, keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.quantize("int8")
+        float_pruned.quantize("int8")
+    pruned = prune_experts(model, keep)  # per-expert scales: slicing commutes
+    bank = pruned.get_layer("moe").experts
+    assert bank.quantization_mode == "int8" and bank.kernel_in.shape[0] == 3
+    np.testing.assert_array_equal(
+        pruned.predict(x, verbose=0), float_pruned.predict(x, verbose=0)
+    )
+
+
+def test_errors():
+    inputs = keras.Input((4, 8))
+    x = zeros(SparseMoE, 4, 8, router=zeros(ExpertChoiceRouter, 4), name="ec")(inputs)
+    x = zeros(SparseMoE, 4, 8, name="moe")(x)
+    ys = zeros(CGC, 2, 2, 1, hidden_dim=8, name="cgc")(x)
+    model = keras.Model(inputs, ys)
+    with pytest.raises(ValueError, match="ExpertChoiceRouter"):
+        prune_experts(model, {"ec": 2})
+    with pytest.raises(ValueError, match="ExpertChoiceRouter.*; CGC 'cgc' is not prunable"):
+        prune_experts(model, 2)  # every MoE layer, CGC included
+    with pytest.raises(ValueError, match="keep must be <= num_experts. Received: keep=5"):
+        prune_experts(model, {"moe": 5})
+    with pytest.raises(ValueError, match="does not have at its top level"):
+        prune_experts(model, {"nope": 2})
+    with pytest.raises(ValueError, match="distinct indices"):
+        prune_experts(model, {"moe": [0, 0]})
+    with pytest.raises(ValueError, match="Received: keep=2.5"):
+        prune_experts(model, 2.5)
+    with pytest.raises(ValueError, match="never called"):
+        prune_experts(moe_model(zeros(SparseMoE, 4, 8, name="fresh")), 2)
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.moe = zeros(SparseMoE, 4, 8, name="moe")
+
+    def call(self, x):
+        return self.moe(x)
+
+
+def test_subclassed_models_are_refused():
+    model = Subclassed()
+    with pytest.raises(ValueError, match="functional or Sequential"):
+        prune_experts(model, 2)
+
+
+def test_weight_bytes_counts_the_banks():
+    bank = zeros(Experts, 2, 8)
+    bank.build((2, None, 4))
+    expected = 4 * (2 * 4 * 8 + 2 * 8 + 2 * 8 * 4 + 2 * 4)
+    model = moe_model(zeros(SparseMoE, 2, 8, name="moe"), shape=(3, 4))
+    assert compression.weight_bytes(bank) == expected
+    assert compression.weight_bytes(model, experts_only=True) == expected
+    assert compression.weight_bytes(model) > expected  # + router + statistics
+
+
+def test_docstring_examples():
+    result = doctest.testmod(compression, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
