@@ -154,7 +154,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
         keep = position < ops.cast(capacity, "int32")
         combine_weights = ops.where(keep, scores, ops.zeros_like(scores))
         expert_index = ops.broadcast_to(
-            ops.arange(e, dtype="int32")[None, :], ops.shape(position)
+            ops.arange(0, e, dtype="int32")[None, :], ops.shape(position)
         )
 
         z_loss = balancing.router_z_loss(logits)

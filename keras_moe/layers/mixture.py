@@ -293,7 +293,7 @@ class MixtureOfExperts(keras.layers.Layer):
         gathered = ops.stack(outputs, axis=1)
         keep = ops.ones_like(probs, dtype="bool")
         index = ops.broadcast_to(
-            ops.arange(self.num_experts, dtype="int32")[None], ops.shape(probs)
+            ops.arange(0, self.num_experts, dtype="int32")[None], ops.shape(probs)
         )
         top1 = ops.cast(ops.argmax(probs, axis=-1), "int32")[:, None]
         routed = ops.sum(ops.one_hot(top1, self.num_experts, dtype="float32"), axis=(0, 1))

@@ -167,7 +167,7 @@ def plan_from_positions(expert_index, position, num_experts, capacity, keep=None
     slot_pair = ops.scatter_update(
         empty,
         ops.reshape(slot, (-1, 1)),
-        ops.arange(num_pairs, dtype="int32"),
+        ops.arange(0, num_pairs, dtype="int32"),
     )[:trash]
     slot_token = ops.where(slot_pair < num_pairs, slot_pair // k, num_tokens)
 

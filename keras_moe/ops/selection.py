@@ -7,7 +7,7 @@ def top_k(x, k):
     """The `k` largest entries of the last axis, largest first.
 
     Same result as `keras.ops.top_k(x, k)` (ties go to the lower index), made
-    of `k` rounds of `argmax` and masking. Routers pick few experts (`k` is
+    of `k` rounds of `max`, `argmax` and masking. Routers pick few experts (`k` is
     small), so this costs `k` cheap passes over `(..., E)`. It exists because
     JAX lowers `lax.top_k` to a StableHLO `composite` op that TensorFlow
     2.21 cannot deserialize, which breaks `model.export()` of a JAX model;
@@ -25,7 +25,13 @@ def top_k(x, k):
     values, indices = [], []
     remaining = x
     for _ in range(k):
-        index = ops.cast(ops.argmax(remaining, axis=-1), "int32")
+        # The first position holding the maximum: an argmax of an integer
+        # mask, because Keras' argmax of floats adds a negative-zero test
+        # (Bitcast ops that ONNX converters reject) on TensorFlow and JAX.
+        is_top = remaining == ops.max(remaining, axis=-1, keepdims=True)
+        index = ops.cast(ops.argmax(ops.cast(is_top, "int32"), axis=-1), "int32")
+        # The value through a gather, so that its gradient goes to the chosen
+        # entry alone (a max would share it among ties).
         values.append(ops.take_along_axis(x, index[..., None], axis=-1))
         indices.append(index[..., None])
         if len(indices) < k:
