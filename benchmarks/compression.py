@@ -28,8 +28,10 @@ fixed test set) and prints three Markdown tables:
 Every table has the inference latency of `predict_on_batch` on
 `--latency-batch` test canvases: all models are timed side by side (one
 call of each model per round, in rotating order, `--repeats` rounds), the
-median per model, and its ratio to the float teacher's median. Run it on
-an idle machine: the latencies are only comparable within one run.
+median per model, and its ratio to the float teacher's median; every
+model is loaded uncompiled and timed with the backend's default
+`jit_compile` for `predict`. Run it on an idle machine: the latencies are
+only comparable within one run.
 """
 
 import argparse
@@ -92,7 +94,7 @@ def latencies(models, batch, repeats):
 
 
 def quantized(path, **kwargs):
-    model = keras.saving.load_model(path)
+    model = keras.saving.load_model(path, compile=False)
     with warnings.catch_warnings():  # routers, norms, convs stay float
         warnings.simplefilter("ignore")
         model.quantize("int8", **kwargs)
@@ -171,7 +173,10 @@ def main():
           f"{len(x_train)} training and {len(x_test)} test images; "
           f"teacher {args.model}")
 
-    teacher = keras.saving.load_model(args.model)
+    # Uncompiled: the teacher's compile config (e.g. jit_compile resolved on
+    # the backend it was trained with) must not differ from the others'.
+    teacher = keras.saving.load_model(args.model, compile=False)
+    jit_compile = teacher.jit_compile  # this backend's default for predict
     experts_only = lambda layer: isinstance(layer, Experts)  # noqa: E731
     models = {"float": teacher}
     models["int8 experts (int8 activations)"] = quantized(args.model, filters=experts_only)
@@ -236,6 +241,9 @@ def main():
 
     scores = {name: evaluate(example, m, test_images, y_test, test_boxes)
               for name, m in models.items()}
+    for model in models.values():  # one setting for every timed model
+        model.jit_compile = jit_compile
+        model.predict_function = None
     timing = latencies(models, latency_batch, args.repeats)
     base_ms = timing["float"]
 
@@ -285,7 +293,8 @@ def main():
     print(table(["model", "parameters", "test accuracy", "mean IoU",
                  "train s", "latency (ms)", "latency / teacher"], rows))
     print(f"\nLatency: predict_on_batch on {len(latency_batch)} canvases, median "
-          f"of {args.repeats} side-by-side rounds, backend {keras.backend.backend()}.")
+          f"of {args.repeats} side-by-side rounds, backend {keras.backend.backend()}, "
+          f"jit_compile={jit_compile}.")
 
 
 if __name__ == "__main__":

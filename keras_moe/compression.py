@@ -723,7 +723,9 @@ class Distiller(keras.Model):
                     f"{name!r} (from {type(layer).__name__})" if layer else repr(name)
                 )
                 continue
-            losses[name] = check.one_of(f"distillation_loss[{name!r}]", kind, DISTILLATION_LOSSES)
+            losses[name] = check.one_of(
+                f"distillation_loss[{name!r}]", kind, DISTILLATION_LOSSES
+            )
         if missing:
             raise ValueError(
                 "Distiller does not know which distillation loss suits the "
@@ -777,11 +779,11 @@ class Distiller(keras.Model):
     ):
         teacher_pred = self.teacher(x, training=False)
         terms = self.distillation_terms(teacher_pred, y_pred)
-        distilled = ops.sum(
-            ops.stack(
-                [self._weight(i, name) * terms[name] for i, name in enumerate(self.output_keys)]
-            )
-        )
+        weighted = [
+            self._weight(i, name) * terms[name]
+            for i, name in enumerate(self.output_keys)
+        ]
+        distilled = ops.sum(ops.stack(weighted))
         self._distillation_tracker.update_state(distilled)
         losses = [self.alpha * distilled]
         if self._compile_loss is not None and self.alpha < 1.0:

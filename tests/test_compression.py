@@ -90,7 +90,9 @@ def test_pruning_unused_experts_changes_nothing():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(32, 4, 8)).astype("float32")
     # Custom TopKRouter with a bias, a selection bias and noise: all sliced.
-    router = zeros(TopKRouter, 6, k=2, use_bias=True, noisy_gating=True, bias_update_rate=0.01)
+    router = zeros(
+        TopKRouter, 6, k=2, use_bias=True, noisy_gating=True, bias_update_rate=0.01
+    )
     moe = zeros(SparseMoE, 6, 12, router=router, eval_capacity_factor=None, name="moe")
     inputs = keras.Input((4, 8))
     tokens = moe(inputs)

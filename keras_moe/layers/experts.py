@@ -338,7 +338,8 @@ class Experts(keras.layers.Layer):
                 "Experts supports only int8 quantization. Received: "
                 f"mode={mode!r}"
             )
-        weight_quantizer = keras.quantizers.QuantizationConfig.weight_quantizer_or_default(
+        quantization = keras.quantizers.QuantizationConfig
+        weight_quantizer = quantization.weight_quantizer_or_default(
             config, keras.quantizers.AbsMaxQuantizer()
         )
         values = {}

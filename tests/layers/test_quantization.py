@@ -116,7 +116,8 @@ def test_model_quantize_reaches_every_bank_and_saves():
     assert len(banks) == 8
     # The token MoE weight-only, every other bank with int8 activations.
     token_moe = model.get_layer("moe")
-    in_token_moe = lambda layer: any(layer is b for b in token_moe._flatten_layers())  # noqa: E731
+    token_banks = [token_moe.experts, token_moe.shared_experts]
+    in_token_moe = lambda layer: any(layer is b for b in token_banks)  # noqa: E731
     _quantize(model, config=WEIGHT_ONLY, filters=in_token_moe)
     _quantize(model, filters=lambda layer: not in_token_moe(layer))
 
