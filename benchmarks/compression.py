@@ -20,7 +20,8 @@ fixed test set) and prints three Markdown tables:
    and the task MMoE to `--task-keep`, by their usage on the training
    canvases (`keras_moe.compression.expert_usage`), without fine-tuning.
 3. Distillation: the dense baseline of the example (`build_model(
-   baseline=True)`, the same active compute per image) trained on the labels
+   baseline=True)` with the teacher's width and expert sizes: the same
+   active compute per image) trained on the labels
    only, and the same student trained by `keras_moe.compression.Distiller`
    against the float MoE teacher, with the example's optimizer and
    schedule, for `--epochs` epochs each, from the same initial weights.
@@ -36,6 +37,7 @@ only comparable within one run.
 
 import argparse
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -111,10 +113,17 @@ def optimizer(example_args, steps):
     return keras.optimizers.AdamW(schedule, weight_decay=5e-4)
 
 
-def backbone_width(model):
-    """The `--width` the example built `model` with (first conv: 32 x width)."""
-    first = next(l for l in model.layers if isinstance(l, keras.layers.Conv2D))
-    return first.filters / 32
+def twin_arguments(example, teacher):
+    """`build_model` arguments of the teacher's dense twin: the teacher's
+    backbone width (first conv: 32 x width) and active expert sizes."""
+    first = next(l for l in teacher.layers if isinstance(l, keras.layers.Conv2D))
+    token, task = teacher.get_layer("token_moe"), teacher.get_layer("task_moe")
+    arguments = dict(width=first.filters / 32, k=token.k, hidden=token.hidden_dim,
+                     task_k=task.k, task_hidden=task.hidden_dim, baseline=True)
+    if token.num_shared_experts:
+        arguments["shared_experts"] = token.num_shared_experts
+    parameters = inspect.signature(example.build_model).parameters
+    return {n: v for n, v in arguments.items() if n in parameters}
 
 
 def table(header, rows):
@@ -213,13 +222,13 @@ def main():
         pruned_names.append((name, sizes))
 
     # Distillation into the dense baseline.
-    width = backbone_width(teacher)
+    twin = twin_arguments(example, teacher)
     steps = args.epochs * max(1, len(x_train) // args.batch_size)
     loss_weights = {"class": 1.0, "box": args.box_weight}
     students = {}
     for mode in ("labels only", "distilled"):
         keras.utils.set_random_seed(args.seed)  # the same initial student
-        student = example.build_model(width=width, baseline=True)
+        student = example.build_model(**twin)
         compile_args = dict(loss_weights=loss_weights, **default_compile_args(student))
         if mode == "distilled":
             trainer = Distiller(student, teacher, alpha=args.alpha,
