@@ -198,10 +198,11 @@ def feed_forward(x, hidden, output, name):
     return layers.Dense(output, name=f"{name}_out")(h)
 
 
-def build_model(width=1.0, experts=8, k=2, hidden=256, task_experts=6,
-                task_k=2, task_hidden=128, baseline=False):
+def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
+                task_experts=6, task_k=2, task_hidden=128, baseline=False):
     """The multi-task MoE model, or with `baseline=True` its dense twin with
-    the same active compute per image."""
+    the same active compute per image (each token uses `k` routed and
+    `shared_experts` shared experts of width `hidden`)."""
     w = [max(8, int(round(c * width))) for c in (32, 48, 96, 192)]
     inputs = keras.Input((CANVAS, CANVAS, 3), name="image")
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
@@ -219,11 +220,11 @@ def build_model(width=1.0, experts=8, k=2, hidden=256, task_experts=6,
 
     normed = layers.LayerNormalization(name="token_norm")(tokens)
     if baseline:
-        mixed = feed_forward(normed, k * hidden, w[3], "token_ffn")
+        mixed = feed_forward(normed, (k + shared_experts) * hidden, w[3], "token_ffn")
     else:
         mixed = SparseMoE(
             num_experts=experts, hidden_dim=hidden, k=k,
-            capacity_factor=1.25,
+            num_shared_experts=shared_experts, capacity_factor=1.25,
             # Dropless inference: an image's prediction must not depend on
             # the other images of its batch.
             eval_capacity_factor=None,
@@ -327,6 +328,10 @@ def main():
                         help="backbone width multiplier (0.25 for smoke tests)")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256,
+                        help="hidden width of each token expert")
+    parser.add_argument("--shared-experts", type=int, default=0,
+                        help="token experts that every token uses (DeepSeekMoE)")
     parser.add_argument("--baseline", action="store_true",
                         help="train the dense model with the same active compute")
     parser.add_argument("--train-size", type=int, default=None)
@@ -349,6 +354,7 @@ def main():
           f"{len(x_train)} training and {len(x_test)} test images")
 
     model = build_model(width=args.width, experts=args.experts, k=args.k,
+                        hidden=args.hidden, shared_experts=args.shared_experts,
                         baseline=args.baseline)
     train = CanvasDataset(x_train, y_train, args.batch_size, args.seed, workers=2)
     steps = args.epochs * len(train)
