@@ -3,7 +3,7 @@
 distilled dense student, against the trained float model.
 
     python examples/cifar_multitask.py --data /work/shared/data/cifar10_small.npz --epochs 20
-    python benchmarks/compression.py --model runs/cifar_multitask/model.keras \\
+    python benchmarks/cifar_compression.py --model runs/cifar_multitask/model.keras \\
         --data /work/shared/data/cifar10_small.npz --epochs 20
 
 The first command trains the teacher (`runs/cifar_multitask/model.keras`);
