@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""Speed and memory of SparseMoE against a dense FFN and the dense dispatch.
+
+    python benchmarks/moe_speed.py train   [--backends ...] [--experts 8,16,64,128]
+                                           [--k 1,2] [--capacity-factors 1.0,1.25]
+                                           [--tokens 4096,16384] [--reps 5]
+    python benchmarks/moe_speed.py memory  [same grid options]
+    python benchmarks/moe_speed.py latency [--batches 1,256] [--experts ...]
+
+Three single-layer models on `N` tokens of width `d` (default 256), expert
+hidden width `h` (default 1024):
+
+- `ffn`: a dense FFN `d -> k*h -> d` with the same active parameters (and
+  FLOPs) as the `k` experts a token uses: the limit a sparse MoE aims for;
+- `sparse`: `SparseMoE(dispatch="sparse")` (capacity-based dispatch);
+- `dense`: `SparseMoE(dispatch="dense")`, every expert on every token,
+  masked (the keras-hub way); only where `E * N <= --dense-limit` (it
+  holds `E x N x h` activations: gigabytes and seconds per step beyond).
+
+`train`: one forward+backward+SGD step (`train_on_batch`; XLA-compiled with
+`jit_compile=True` on TensorFlow and JAX, eager on torch). The models of a
+configuration are timed interleaved, rep by rep, each timed step right after
+an untimed step of the same model (so one model's memory traffic does not
+land on the next), and the table gives the medians over `--reps` reps and
+the median of the per-rep ratios.
+
+`memory`: the peak resident memory a training step adds (activations,
+gradients, temporaries), one fresh process per backend and configuration:
+after two warm-up steps, the kernel's peak-RSS counter is reset
+(`/proc/self/clear_refs`) and two more steps are run. So that the resident
+size follows the live memory, freed blocks must go back to the system:
+glibc is told to (`MALLOC_MMAP_THRESHOLD_`), and the caching allocators are
+switched off (`TF_ENABLE_ONEDNN_OPTS=0`, `XLA_PYTHON_CLIENT_ALLOCATOR=
+platform`); these settings are for this measurement only. Linux only.
+
+`latency`: inference (`predict_on_batch`, compiled on TensorFlow and JAX)
+for batches of `--batches` tokens, median of `--reps` calls; `sparse` is
+the default inference capacity (`eval_capacity_factor=2.0`) and
+`dropless` is `eval_capacity_factor=None`.
+
+Each backend runs in its own subprocess, one after the other. Only ratios
+measured in one run are meaningful on a noisy machine.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BACKENDS = ("tensorflow", "jax", "torch")
+HERE = os.path.abspath(__file__)
+
+
+def ints(text):
+    return [int(v) for v in text.split(",") if v]
+
+
+def floats(text):
+    return [float(v) for v in text.split(",") if v]
+
+
+def grid(args):
+    return list(itertools.product(args.tokens, args.k, args.experts, args.capacity_factors))
+
+
+# ---------------------------------------------------------------------------
+# Worker side (runs under one backend)
+# ---------------------------------------------------------------------------
+
+
+def make_models(keras, n_tokens, d, h, e, k, cf, names, eval_cf=2.0):
+    from keras_moe.layers import SparseMoE
+
+    def model(layer):
+        inputs = keras.Input((d,))
+        m = keras.Model(inputs, layer(inputs))
+        m.compile(
+            optimizer=keras.optimizers.SGD(1e-3),
+            loss="mse",
+            jit_compile=keras.backend.backend() != "torch",
+        )
+        return m
+
+    builders = {
+        "ffn": lambda: keras.Sequential(
+            [keras.layers.Dense(k * h, activation="gelu"), keras.layers.Dense(d)]
+        ),
+        "sparse": lambda: SparseMoE(
+            e, h, k=k, capacity_factor=cf, eval_capacity_factor=eval_cf
+        ),
+        "dropless": lambda: SparseMoE(
+            e, h, k=k, capacity_factor=cf, eval_capacity_factor=None
+        ),
+        "dense": lambda: SparseMoE(
+            e, h, k=k, capacity_factor=cf, eval_capacity_factor=eval_cf,
+            dispatch="dense",
+        ),
+    }
+    return {name: model(builders[name]()) for name in names}
+
+
+def data(n_tokens, d, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(n_tokens, d)).astype("float32"),
+        rng.normal(size=(n_tokens, d)).astype("float32"),
+    )
+
+
+def step(model, x, y):
+    import numpy as np
+
+    float(np.asarray(model.train_on_batch(x, y)))  # waits for the result
+
+
+def train_worker(args):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    ffn_cache = {}
+    for n, k, e, cf in grid(args):
+        x, y = data(n, args.dim)
+        names = ["sparse"] + (["dense"] if e * n <= args.dense_limit else [])
+        models = make_models(keras, n, args.dim, args.hidden, e, k, cf, names)
+        if (n, k) not in ffn_cache:  # the FFN depends on N and k only
+            ffn_cache[(n, k)] = make_models(
+                keras, n, args.dim, args.hidden, e, k, cf, ["ffn"]
+            )["ffn"]
+        models = {"ffn": ffn_cache[(n, k)], **models}
+        times = {name: [] for name in models}
+        for rep in range(args.warmup + args.reps):
+            for name, m in models.items():
+                step(m, x, y)  # untimed: the timed step follows its own model
+                start = time.perf_counter()
+                step(m, x, y)
+                if rep >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e, "cf": cf}
+        row.update({f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()})
+        row["sparse_over_ffn"] = statistics.median(
+            s / f for s, f in zip(times["sparse"], times["ffn"])
+        )
+        if "dense" in times:
+            row["dense_over_sparse"] = statistics.median(
+                dd / s for dd, s in zip(times["dense"], times["sparse"])
+            )
+        print("RESULT " + json.dumps(row), flush=True)
+        for name in names:  # free the big models before the next configuration
+            del models[name]
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(args):
+    import keras
+
+    n, k, e, cf = args.config
+    keras.utils.set_random_seed(0)
+    x, y = data(n, args.dim)
+    model = make_models(keras, n, args.dim, args.hidden, e, k, cf, [args.model])[args.model]
+    for _ in range(2):
+        step(model, x, y)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    base = rss_kib("VmRSS")
+    for _ in range(2):
+        step(model, x, y)
+    peak = rss_kib("VmHWM")
+    weights = sum(v.numpy().nbytes for v in model.trainable_weights)
+    print("RESULT " + json.dumps({
+        "backend": keras.backend.backend(), "N": n, "k": k, "E": e, "cf": cf,
+        "model": args.model, "step_mib": (peak - base) / 1024,
+        "weights_mib": weights / 2**20,
+    }), flush=True)
+
+
+def latency_worker(args):
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    for e in args.experts:
+        names = ["ffn", "sparse", "dropless"] + (
+            ["dense"] if e * max(args.batches) <= args.dense_limit else []
+        )
+        models = make_models(keras, None, args.dim, args.hidden, e, args.k[0],
+                             args.capacity_factors[0], names)
+        for batch in args.batches:
+            x = np.random.default_rng(batch).normal(size=(batch, args.dim)).astype("float32")
+            times = {name: [] for name in models}
+            for rep in range(args.warmup + args.reps):
+                for name, m in models.items():
+                    start = time.perf_counter()
+                    np.asarray(m.predict_on_batch(x))
+                    if rep >= args.warmup:
+                        times[name].append(time.perf_counter() - start)
+            row = {"backend": keras.backend.backend(), "E": e, "k": args.k[0], "batch": batch}
+            row.update({f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()})
+            print("RESULT " + json.dumps(row), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def run_worker(backend, extra):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if "--memory-worker" in extra:
+        # Resident memory follows the live memory only if freed blocks go
+        # back to the system: glibc's large blocks (mmap), and no caching
+        # allocator in front (TensorFlow's oneDNN CPU allocator and JAX's
+        # default CPU allocator keep what they freed).
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", TF_ENABLE_ONEDNN_OPTS="0",
+                   XLA_PYTHON_CLIENT_ALLOCATOR="platform")
+    out = subprocess.run([sys.executable, HERE, *extra], env=env,
+                         capture_output=True, text=True)
+    rows = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
+            if line.startswith("RESULT ")]
+    if out.returncode or not rows:
+        print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"benchmark worker failed on {backend}: {' '.join(extra)}")
+    return rows
+
+
+def cell(value, fmt):
+    return "—" if value is None else format(value, fmt)
+
+
+def print_train(rows, args):
+    print(f"\nTraining step (fwd+bwd+SGD), d={args.dim} h={args.hidden}; medians of "
+          f"{args.reps} interleaved reps; ratios are medians of per-rep ratios\n")
+    print("| backend | N | k | E | cf | FFN (ms) | SparseMoE (ms) | dense dispatch (ms) "
+          "| SparseMoE / FFN | dense dispatch / SparseMoE |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['backend']} | {r['N']} | {r['k']} | {r['E']} | {r['cf']} | "
+              f"{r['ffn_ms']:.1f} | {r['sparse_ms']:.1f} | {cell(r.get('dense_ms'), '.1f')} | "
+              f"{r['sparse_over_ffn']:.2f} | {cell(r.get('dense_over_sparse'), '.2f')} |")
+    # Flatness in E: largest E over smallest E, same backend, N, k, cf.
+    print("\nStep time in E (SparseMoE, largest E / smallest E):\n")
+    print("| backend | N | k | cf | E range | time ratio |")
+    print("|---|---:|---:|---:|---|---:|")
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["backend"], r["N"], r["k"], r["cf"]), []).append(r)
+    for (backend, n, k, cf), group in keyed.items():
+        if len(group) > 1:
+            group.sort(key=lambda r: r["E"])
+            lo, hi = group[0], group[-1]
+            print(f"| {backend} | {n} | {k} | {cf} | {lo['E']} -> {hi['E']} | "
+                  f"{hi['sparse_ms'] / lo['sparse_ms']:.2f} |")
+
+
+def print_memory(rows):
+    print("\nPeak memory a training step adds (MiB; weights not included, "
+          "weight gradients included)\n")
+    print("| backend | N | k | E | cf | FFN | SparseMoE | dense dispatch | SparseMoE / FFN "
+          "| SparseMoE weights (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["backend"], r["N"], r["k"], r["E"], r["cf"]), {})[r["model"]] = r
+    for (backend, n, k, e, cf), m in keyed.items():
+        ffn, sparse, dense = (m.get(x, {}).get("step_mib") for x in ("ffn", "sparse", "dense"))
+        ratio = sparse / ffn if sparse is not None and ffn else None
+        print(f"| {backend} | {n} | {k} | {e} | {cf} | {cell(ffn, '.0f')} | "
+              f"{cell(sparse, '.0f')} | {cell(dense, '.0f')} | {cell(ratio, '.2f')} | "
+              f"{m['sparse']['weights_mib']:.0f} |")
+
+
+def print_latency(rows, args):
+    print(f"\nInference latency (predict_on_batch), d={args.dim} h={args.hidden} "
+          f"k={args.k[0]}; median of {args.reps} calls (ms)\n")
+    print("| backend | E | batch | FFN | SparseMoE (cf 2.0) | SparseMoE dropless "
+          "| dense dispatch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['backend']} | {r['E']} | {r['batch']} | {r['ffn_ms']:.2f} | "
+              f"{r['sparse_ms']:.2f} | {r['dropless_ms']:.2f} | "
+              f"{cell(r.get('dense_ms'), '.2f')} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("train", "memory", "latency"))
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--tokens", type=ints, default=[4096, 16384])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=ints, default=[8, 16, 64, 128])
+    parser.add_argument("--k", type=ints, default=[1, 2])
+    parser.add_argument("--capacity-factors", type=floats, default=[1.0, 1.25])
+    parser.add_argument("--batches", type=ints, default=[1, 256])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dense-limit", type=int, default=16 * 16384,
+                        help="run the dense dispatch only where E * N <= this")
+    parser.add_argument("--train-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--latency-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.train_worker:
+        return train_worker(args)
+    if args.latency_worker:
+        return latency_worker(args)
+    if args.memory_worker:
+        return memory_worker(args)
+
+    common = sys.argv[2:]
+    rows = []
+    start = time.time()
+    for backend in args.backends.split(","):
+        if args.mode == "train":
+            rows += run_worker(backend, ["train", "--train-worker", *common])
+        elif args.mode == "latency":
+            rows += run_worker(backend, ["latency", "--latency-worker", *common])
+        else:
+            ffn = {}  # the FFN depends on N and k only: measured once
+            for n, k, e, cf in grid(args):
+                names = ["sparse"] + (["dense"] if e * n <= args.dense_limit else [])
+                if (n, k) not in ffn:
+                    names.insert(0, "ffn")
+                for name in names:
+                    found = run_worker(backend, [
+                        "memory", "--memory-worker", *common, "--model", name,
+                        "--config", json.dumps([n, k, e, cf]),
+                    ])
+                    if name == "ffn":
+                        ffn[(n, k)] = found[0]
+                    rows += found
+                if "ffn" not in names:
+                    rows.append(dict(ffn[(n, k)], E=e, cf=cf))
+        print(f"[{backend} done after {time.time() - start:.0f} s]", file=sys.stderr)
+    {"train": lambda: print_train(rows, args), "memory": lambda: print_memory(rows),
+     "latency": lambda: print_latency(rows, args)}[args.mode]()
+
+
+if __name__ == "__main__":
+    main()
