@@ -60,7 +60,7 @@ def run(expert_index, weights, num_experts, capacity_factor, seed, priority):
     }
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(routings())
 def test_plan_matches_reference_and_invariants(case):
     expert_index, weights, num_experts, capacity_factor, seed, priority = case
@@ -95,7 +95,7 @@ def test_plan_matches_reference_and_invariants(case):
     assert np.all(plan["slot"][keep] == expert_index[keep] * capacity + position[keep])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(routings())
 def test_combine_uses_each_kept_pair_once_with_its_weight(case):
     expert_index, weights, num_experts, capacity_factor, seed, priority = case
