@@ -186,9 +186,9 @@ class CanvasDataset(keras.utils.PyDataset):
 # ---------------------------------------------------------------------------
 
 
-def conv_block(x, filters, strides=1):
+def conv_block(x, filters, strides=1, bn_momentum=0.99):
     x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=bn_momentum)(x)
     return layers.ReLU()(x)
 
 
@@ -198,23 +198,38 @@ def feed_forward(x, hidden, output, name):
     return layers.Dense(output, name=f"{name}_out")(h)
 
 
+def bn_momentum_for(steps):
+    """BatchNorm momentum for a run of `steps` training steps: Keras' 0.99
+    for long runs (e.g. the 1,560 steps of the full run), faster for short
+    ones. At 0.99 the moving statistics still hold `0.99**150 = 22%` of their
+    initial values after the quickstart's 150 steps, so inference used stale
+    statistics and predicted at chance level (0.10 test accuracy) while
+    training accuracy rose; with 0.933 it reaches 0.30 (docs/cifar_multitask.md)."""
+    return float(min(0.99, 1.0 - 10.0 / max(1, steps)))
+
+
 def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
-                task_experts=6, task_k=2, task_hidden=128, baseline=False):
+                task_experts=6, task_k=2, task_hidden=128, baseline=False,
+                bn_momentum=0.99):
     """The multi-task MoE model, or with `baseline=True` its dense twin with
     the same active compute per image (each token uses `k` routed and
     `shared_experts` shared experts of width `hidden`)."""
     w = [max(8, int(round(c * width))) for c in (32, 48, 96, 192)]
+
+    def block(x, filters, strides=1):
+        return conv_block(x, filters, strides, bn_momentum)
+
     inputs = keras.Input((CANVAS, CANVAS, 3), name="image")
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    x = conv_block(x, w[0], strides=2)                     # 32x32
-    x = conv_block(x, w[1])
-    x = conv_block(x, w[1])
-    x = layers.MaxPooling2D()(x)                           # 16x16
-    x = conv_block(x, w[2])
-    x = conv_block(x, w[2])
-    x = layers.MaxPooling2D()(x)                           # 8x8
-    x = conv_block(x, w[3])
-    x = conv_block(x, w[3])
+    x = block(x, w[0], strides=2)                  # 32x32
+    x = block(x, w[1])
+    x = block(x, w[1])
+    x = layers.MaxPooling2D()(x)                   # 16x16
+    x = block(x, w[2])
+    x = block(x, w[2])
+    x = layers.MaxPooling2D()(x)                   # 8x8
+    x = block(x, w[3])
+    x = block(x, w[3])
     side = CANVAS // 8
     tokens = layers.Reshape((side * side, w[3]), name="tokens")(x)
 
@@ -334,8 +349,12 @@ def main():
                         help="token experts that every token uses (DeepSeekMoE)")
     parser.add_argument("--baseline", action="store_true",
                         help="train the dense model with the same active compute")
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="use the first N training images (default: all; with "
+                             "--data auto, 2,000, the size of the shipped sample)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="use the first N test images (default: all; with "
+                             "--data auto, 500)")
     parser.add_argument("--output-dir", default="runs/cifar_multitask")
     parser.add_argument("--plot-dir", default=None,
                         help="where RoutingMonitor saves the routing plots "
@@ -343,6 +362,11 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    if args.data == "auto":
+        # The quickstart takes a few minutes whether CIFAR-10 downloads
+        # (50,000 images) or the shipped 2,000-image sample is used.
+        args.train_size = args.train_size or 2000
+        args.test_size = args.test_size or 500
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test), names = load_cifar(args.data)
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
@@ -353,11 +377,11 @@ def main():
     print(f"Keras {keras.__version__}, backend {keras.backend.backend()}; "
           f"{len(x_train)} training and {len(x_test)} test images")
 
-    model = build_model(width=args.width, experts=args.experts, k=args.k,
-                        hidden=args.hidden, shared_experts=args.shared_experts,
-                        baseline=args.baseline)
     train = CanvasDataset(x_train, y_train, args.batch_size, args.seed, workers=2)
     steps = args.epochs * len(train)
+    model = build_model(width=args.width, experts=args.experts, k=args.k,
+                        hidden=args.hidden, shared_experts=args.shared_experts,
+                        baseline=args.baseline, bn_momentum=bn_momentum_for(steps))
     warmup = min(200, steps // 5)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, max(1, steps - warmup), warmup_target=args.learning_rate,
