@@ -205,7 +205,9 @@ def bn_momentum_for(steps):
     initial values after the quickstart's 150 steps, so inference used stale
     statistics and predicted at chance level (0.10 test accuracy) while
     training accuracy rose; with 0.933 it reaches 0.30 (docs/cifar_multitask.md)."""
-    return float(min(0.99, 1.0 - 10.0 / max(1, steps)))
+    # Clamped to [0.5, 0.99]: a smoke run of 2 steps would otherwise get a
+    # negative momentum, and moving variances below zero give NaN.
+    return float(min(0.99, max(0.5, 1.0 - 10.0 / max(1, steps))))
 
 
 def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
