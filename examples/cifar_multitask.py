@@ -212,7 +212,7 @@ def bn_momentum_for(steps):
 
 def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
                 task_experts=6, task_k=2, task_hidden=128, baseline=False,
-                bn_momentum=0.99):
+                bn_momentum=0.99, capacity_factor=1.25, task_capacity_factor=1.25):
     """The multi-task MoE model, or with `baseline=True` its dense twin with
     the same active compute per image (each token uses `k` routed and
     `shared_experts` shared experts of width `hidden`)."""
@@ -241,7 +241,7 @@ def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
     else:
         mixed = SparseMoE(
             num_experts=experts, hidden_dim=hidden, k=k,
-            num_shared_experts=shared_experts, capacity_factor=1.25,
+            num_shared_experts=shared_experts, capacity_factor=capacity_factor,
             # Dropless inference: an image's prediction must not depend on
             # the other images of its batch.
             eval_capacity_factor=None,
@@ -259,7 +259,8 @@ def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
     else:
         per_task = MultiGateMoE(
             num_tasks=len(TASKS), num_experts=task_experts, hidden_dim=task_hidden,
-            output_dim=task_hidden, k=task_k, eval_capacity_factor=None,
+            output_dim=task_hidden, k=task_k, capacity_factor=task_capacity_factor,
+            eval_capacity_factor=None,
             activation="gelu", task_names=list(TASKS), name="task_moe",
         )(shared)
     outputs = {
@@ -330,6 +331,16 @@ def export_and_check(model, export_dir, x):
     assert diff < 1e-4, diff
 
 
+def capacity_arg(text):
+    """`--capacity-factor`: a positive number, or 'none' (dropless)."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"capacity factor must be > 0 or 'none', got {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data", default="auto",
@@ -349,6 +360,12 @@ def main():
                         help="hidden width of each token expert")
     parser.add_argument("--shared-experts", type=int, default=0,
                         help="token experts that every token uses (DeepSeekMoE)")
+    parser.add_argument("--capacity-factor", type=capacity_arg, default=1.25,
+                        help="training capacity factor of the token MoE, or 'none' "
+                             "for dropless training (inference is always dropless)")
+    parser.add_argument("--task-capacity-factor", type=capacity_arg, default=1.25,
+                        help="training capacity factor of the per-task MMoE "
+                             "(its experts see whole images), or 'none'")
     parser.add_argument("--baseline", action="store_true",
                         help="train the dense model with the same active compute")
     parser.add_argument("--train-size", type=int, default=None,
@@ -383,7 +400,9 @@ def main():
     steps = args.epochs * len(train)
     model = build_model(width=args.width, experts=args.experts, k=args.k,
                         hidden=args.hidden, shared_experts=args.shared_experts,
-                        baseline=args.baseline, bn_momentum=bn_momentum_for(steps))
+                        baseline=args.baseline, bn_momentum=bn_momentum_for(steps),
+                        capacity_factor=args.capacity_factor,
+                        task_capacity_factor=args.task_capacity_factor)
     warmup = min(200, steps // 5)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, max(1, steps - warmup), warmup_target=args.learning_rate,
