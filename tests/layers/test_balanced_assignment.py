@@ -7,7 +7,6 @@ import pytest
 from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import xla_only
 
 
 def tokens(shape, seed=0):
@@ -189,24 +188,6 @@ def test_training_lowers_the_loss():
     losses = model.fit(x, y, batch_size=32, epochs=8, verbose=0).history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
-
-
-@xla_only
-def test_jit_compiled_training():
-    inputs = keras.Input((6, 8))
-    layer = SparseMoE(4, 16, router=BalancedAssignmentRouter(4))
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer="adam", loss="mse", jit_compile=True)
-    x = tokens((20, 6, 8), seed=15)
-    history = model.fit(x, np.tanh(x), batch_size=8, epochs=3, verbose=0)  # 8 + 8 + 4
-    assert np.all(np.isfinite(history.history["loss"]))
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    eager = keras.Model(inputs, layer(inputs))
-    np.testing.assert_allclose(
-        model.predict(x, batch_size=8, verbose=0),
-        keras.ops.convert_to_numpy(eager(x)),
-        atol=1e-5,
-    )
 
 
 def test_float32_under_mixed_precision():

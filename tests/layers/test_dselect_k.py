@@ -8,7 +8,6 @@ from keras import ops
 from keras_moe.layers.dselect_k import DSelectKRouter, smooth_step
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import xla_only
 
 
 def tokens(shape, seed=0):
@@ -177,13 +176,13 @@ def test_trained_gate_is_exactly_k_sparse():
     np.testing.assert_array_equal(w.argmax(-1), np.where(group == 0, 2, 5))
 
 
-def moe_model(jit_compile=False):
+def moe_model():
     inputs = keras.Input((6, 8))
     moe = SparseMoE(
         8, 16, router=DSelectKRouter(8, k=2, entropy_weight=0.01, seed=1), name="moe"
     )
     model = keras.Model(inputs, moe(inputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=jit_compile)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     return model, moe
 
 
@@ -200,17 +199,6 @@ def test_sparse_moe_fits_and_saves(tmp_path):
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6, rtol=0
     )
     assert isinstance(loaded.get_layer("moe").router, DSelectKRouter)
-
-
-@xla_only
-def test_jit_compiled_training():
-    model, moe = moe_model(jit_compile=True)
-    x = tokens((32, 6, 8), seed=3)
-    history = model.fit(x, np.tanh(x), batch_size=8, epochs=3, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    eager = ops.convert_to_numpy(moe(x))
-    np.testing.assert_allclose(model.predict(x, verbose=0), eager, atol=1e-5)
 
 
 def test_float32_under_mixed_precision():

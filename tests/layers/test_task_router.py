@@ -195,14 +195,3 @@ def test_sparse_moe_with_task_ids_fits_and_saves(tmp_path):
     np.testing.assert_array_equal(
         loaded.get_layer("moe").router.task_experts(), moe.router.task_experts()
     )
-
-
-@xla_only
-def test_jit_compiled_training():
-    model, moe = task_moe_model(k=2, jit_compile=True)
-    x, tasks, y = task_data()
-    history = model.fit([x, tasks], y, batch_size=8, epochs=3, verbose=0)
-    assert np.all(np.isfinite(history.history["loss"]))
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    eager = keras.ops.convert_to_numpy(moe(x, routing_inputs=tasks))
-    np.testing.assert_allclose(model.predict([x, tasks], verbose=0), eager, atol=1e-5)
