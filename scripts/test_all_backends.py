@@ -52,10 +52,19 @@ def main():
         for backend in backends:
             junit = os.path.join(tmp, f"{backend}.xml")
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+            # JAX's persistent compilation cache, fresh for each run and shared
+            # by the workers: a program compiled twice (the same step of a
+            # model and of its reloaded copy, or the same one in both
+            # workers) is compiled once. Keyed on the program, so it cannot
+            # change a result.
+            env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tmp, "jax_cache"))
+            env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
             command = [sys.executable, "-m", "pytest", "tests", "-q", "--durations=10",
                        "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args]
             if args.workers > 0:
-                command[4:4] = ["-n", str(args.workers)]
+                # worksteal: a worker that runs out of tests takes queued
+                # ones from the other instead of waiting for it.
+                command[4:4] = ["-n", str(args.workers), "--dist", "worksteal"]
             print(f"\n===== KERAS_BACKEND={backend}: {' '.join(command[1:])}", flush=True)
             start = time.time()
             code = subprocess.call(command, cwd=ROOT, env=env)

@@ -24,7 +24,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_dtype_policy("float32")
@@ -37,3 +37,14 @@ xla_only = pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="jit_compile=True means XLA on TensorFlow/JAX; torch runs eagerly",
 )
+
+
+# The longest tests (the example scripts run as subprocesses, loading a file
+# under the other backends, 8-device expert parallelism: 30-80 s each) are
+# scheduled first, so that the xdist workers do not end with one of them
+# running alone while the other worker is idle.
+RUN_FIRST = ("test_examples.py", "test_cross_backend.py", "test_distribution.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in RUN_FIRST)
