@@ -76,6 +76,7 @@ def test_jit_compiled_fit(name):
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
     compiled = model.predict(x, batch_size=8, verbose=0)
-    batches = [[a[i:i + 8] for a in x] if needs_ids else x[i:i + 8] for i in (0, 8)]
+    starts = range(0, len(y), 8)
+    batches = [[a[i:i + 8] for a in x] if needs_ids else x[i:i + 8] for i in starts]
     eager = np.concatenate([keras.ops.convert_to_numpy(model(b)) for b in batches])
     np.testing.assert_allclose(compiled, eager, atol=1e-5)

@@ -141,16 +141,14 @@ def test_bad_arguments(kwargs, match):
         TaskRouter(**kwargs)
 
 
-def task_moe_model(k=1, jit_compile=False, optimizer=None):
+def task_moe_model(k=1, optimizer=None):
     x_in = keras.Input((5, 8))
     task_in = keras.Input((), dtype="int32")  # one task id per example
     moe = SparseMoE(
         6, 16, router=TaskRouter(6, num_tasks=3, k=k), capacity_factor=None, name="moe"
     )
     model = keras.Model([x_in, task_in], moe(x_in, routing_inputs=task_in))
-    model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(1e-2), loss="mse", jit_compile=jit_compile
-    )
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(1e-2), loss="mse")
     return model, moe
 
 
