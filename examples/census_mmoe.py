@@ -532,7 +532,7 @@ def mean_std(values):
 
 def results_table(results, seeds):
     lines = [
-        f"| model | income AUC | never-married AUC | params | train time (s) | epochs |",
+        "| model | income AUC | never-married AUC | params | train time (s) | epochs |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():

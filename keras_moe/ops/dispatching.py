@@ -123,7 +123,6 @@ def make_dispatch_plan(expert_index, num_experts, capacity, priority=None):
     if priority is None:
         position = _arrival_positions(expert_index, num_experts)
     else:
-        num_tokens = ops.shape(expert_index)[0]
         priority = ops.stop_gradient(ops.convert_to_tensor(priority))
         order = ops.cast(ops.argsort(-priority), "int32")
         sorted_position = _arrival_positions(
