@@ -17,8 +17,8 @@ fixed test set) and prints three Markdown tables:
    `Dense` layers). Test accuracy, mean box IoU, the bytes of the expert
    banks' variables and of all variables.
 2. Pruning: the token MoE pruned from its 8 experts to `--keep` (6 and 4),
-   and the task MMoE to `--task-keep`, by their usage on the training
-   canvases (`keras_moe.compression.expert_usage`), without fine-tuning.
+   and the task MMoE to `--task-keep` (default: all but 2), by their usage
+   on the training canvases (`keras_moe.compression.expert_usage`), without fine-tuning.
 3. Distillation: the dense baseline of the example (`build_model(
    baseline=True)` with the teacher's width and expert sizes: the same
    active compute per image) trained on the labels
@@ -119,7 +119,8 @@ def twin_arguments(example, teacher):
     first = next(l for l in teacher.layers if isinstance(l, keras.layers.Conv2D))
     token, task = teacher.get_layer("token_moe"), teacher.get_layer("task_moe")
     arguments = dict(width=first.filters / 32, k=token.k, hidden=token.hidden_dim,
-                     task_k=task.k, task_hidden=task.hidden_dim, baseline=True)
+                     task_experts=task.num_experts, task_k=task.k,
+                     task_hidden=task.hidden_dim, baseline=True)
     if token.num_shared_experts:
         arguments["shared_experts"] = token.num_shared_experts
     parameters = inspect.signature(example.build_model).parameters
@@ -152,8 +153,9 @@ def main():
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--keep", default="6,4",
                         help="experts kept in the token MoE (of 8), comma-separated")
-    parser.add_argument("--task-keep", default="4",
-                        help="experts kept in the task MMoE (of 6), comma-separated")
+    parser.add_argument("--task-keep", default=None,
+                        help="experts kept in the task MMoE, comma-separated "
+                             "(default: all but 2)")
     parser.add_argument("--usage-images", type=int, default=2048,
                         help="training images whose canvases measure expert usage")
     parser.add_argument("--train-size", type=int, default=None)
@@ -209,7 +211,8 @@ def main():
     token_experts = teacher.get_layer("token_moe").num_experts
     task_experts = teacher.get_layer("task_moe").num_experts
     token_keeps = [int(k) for k in args.keep.split(",") if k]
-    task_keeps = [int(k) for k in args.task_keep.split(",") if k]
+    task_keep = args.task_keep or str(max(1, task_experts - 2))
+    task_keeps = [int(k) for k in task_keep.split(",") if k]
     plans = [{"token_moe": k} for k in token_keeps]
     plans += [{"task_moe": k} for k in task_keeps]
     if token_keeps and task_keeps:

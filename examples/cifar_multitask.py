@@ -1,7 +1,7 @@
 """
 Title: Classify and localise CIFAR-10 objects with a multi-task Mixture-of-Experts
 Description: A CNN backbone, a sparse MoE over its spatial tokens and a
-multi-gate MoE (MMoE) that splits into a class head and a box head; trained
+multi-gate MoE (MMoE) that feeds a class head and a box head; trained
 with `model.fit` on a dict of targets, saved to `.keras` and exported as a
 TensorFlow SavedModel.
 
@@ -27,17 +27,23 @@ with a fixed seed.
 image 64x64x3 -> CNN backbone (stride 8) -> 8x8 map -> 64 tokens
     -> tokens + SparseMoE(LayerNorm(tokens))      token experts, top-k routing
     -> [mean token ; flattened 8x8 summary]       what both tasks see
-    -> MultiGateMoE(2 tasks, sparse top-k gates)  one mixture per task
+    -> MultiGateMoE(2 tasks, 4 experts, softmax gates)  one mixture per task
     -> ClassificationHead(10)      BoxHead()
 ```
 
 `SparseMoE` sends each of the 64 tokens of an image to `k` of `E` experts
 (real sparse dispatch: each token costs `k` experts, not `E`). `MultiGateMoE`
 gives each task its own gate over a shared bank of experts, so the class
-task and the box task can use different experts; its gates are sparse too.
+task and the box task can use different experts. Its gates are dense
+softmax gates here (Ma et al. 2018): the 4 experts run once per image and
+serve both tasks, the compute of two task towers of twice an expert's width,
+but each task can draw on all 4 experts instead of one tower.
+(`--task-k 2 --task-experts 6` gives it sparse top-2 gates instead; they save
+compute when experts are many or large, not at 1% of this model's compute,
+and they lost to the dense gates here: docs/cifar_multitask.md.)
 `--baseline` replaces every MoE by dense feed-forward layers of the same
-*active* size (`k * hidden`), a shared-bottom model with the same compute
-per image: the honest comparison.
+*active* size, a shared-bottom model with two task towers and the same
+compute per image: the honest comparison.
 
 ## What it prints
 
@@ -211,7 +217,7 @@ def bn_momentum_for(steps):
 
 
 def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
-                task_experts=6, task_k=2, task_hidden=128, baseline=False,
+                task_experts=4, task_k=None, task_hidden=128, baseline=False,
                 bn_momentum=0.99, capacity_factor=1.25, task_capacity_factor=1.25):
     """The multi-task MoE model, or with `baseline=True` its dense twin with
     the same active compute per image (each token uses `k` routed and
@@ -254,8 +260,11 @@ def build_model(width=1.0, experts=8, k=2, hidden=256, shared_experts=0,
     shared = layers.Concatenate(name="shared")([pooled, where])
     shared = layers.LayerNormalization(name="shared_norm")(shared)
     if baseline:
-        per_task = [feed_forward(shared, task_k * task_hidden, task_hidden, f"{t}_ffn")
-                    for t in TASKS]
+        # Sparse gates: each task runs its k experts. Dense gates: the E
+        # experts run once for all T tasks, E * hidden / T units per task.
+        tower = (task_k * task_hidden if task_k is not None
+                 else task_experts * task_hidden // len(TASKS))
+        per_task = [feed_forward(shared, tower, task_hidden, f"{t}_ffn") for t in TASKS]
     else:
         per_task = MultiGateMoE(
             num_tasks=len(TASKS), num_experts=task_experts, hidden_dim=task_hidden,
@@ -341,6 +350,16 @@ def capacity_arg(text):
     return value
 
 
+def k_arg(text):
+    """`--task-k`: a positive integer, or 'none' (dense gates)."""
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"k must be >= 1 or 'none', got {text!r}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data", default="auto",
@@ -364,8 +383,14 @@ def main():
                         help="training capacity factor of the token MoE, or 'none' "
                              "for dropless training (inference is always dropless)")
     parser.add_argument("--task-capacity-factor", type=capacity_arg, default=1.25,
-                        help="training capacity factor of the per-task MMoE "
-                             "(its experts see whole images), or 'none'")
+                        help="training capacity factor of the MMoE's sparse gates "
+                             "(with --task-k), or 'none'")
+    parser.add_argument("--task-experts", type=int, default=4,
+                        help="experts of the MMoE (hidden 128 each)")
+    parser.add_argument("--task-k", type=k_arg, default=None,
+                        help="'none' (default): dense softmax gates, every expert runs "
+                             "once per image for both tasks; or an integer k: sparse "
+                             "top-k gates (e.g. --task-k 2 --task-experts 6)")
     parser.add_argument("--baseline", action="store_true",
                         help="train the dense model with the same active compute")
     parser.add_argument("--train-size", type=int, default=None,
@@ -402,6 +427,7 @@ def main():
                         hidden=args.hidden, shared_experts=args.shared_experts,
                         baseline=args.baseline, bn_momentum=bn_momentum_for(steps),
                         capacity_factor=args.capacity_factor,
+                        task_experts=args.task_experts, task_k=args.task_k,
                         task_capacity_factor=args.task_capacity_factor)
     warmup = min(200, steps // 5)
     schedule = keras.optimizers.schedules.CosineDecay(
