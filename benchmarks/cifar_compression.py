@@ -18,7 +18,8 @@ fixed test set) and prints three Markdown tables:
    banks' variables and of all variables.
 2. Pruning: the token MoE pruned from its 8 experts to `--keep` (6 and 4),
    and the task MMoE to `--task-keep` (default: all but 2), by their usage
-   on the training canvases (`keras_moe.compression.expert_usage`), without fine-tuning.
+   on the training canvases (`keras_moe.compression.expert_usage`),
+   without fine-tuning.
 3. Distillation: the dense baseline of the example (`build_model(
    baseline=True)` with the teacher's width and expert sizes: the same
    active compute per image) trained on the labels
