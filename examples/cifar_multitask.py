@@ -39,8 +39,8 @@ softmax gates here (Ma et al. 2018): the 4 experts run once per image and
 serve both tasks, the compute of two task towers of twice an expert's width,
 but each task can draw on all 4 experts instead of one tower.
 (`--task-k 2 --task-experts 6` gives it sparse top-2 gates instead; they save
-compute when experts are many or large, not at under 1% of this model's compute,
-and they lost to the dense gates here: docs/cifar_multitask.md.)
+compute when experts are many or large, not here, where the MMoE is under 1%
+of the compute, and they lost to the dense gates: docs/cifar_multitask.md.)
 `--baseline` replaces every MoE by dense feed-forward layers of the same
 *active* size, a shared-bottom model with two task towers and the same
 compute per image: the honest comparison.
