@@ -87,6 +87,13 @@ def capacity_factor(name, value):
     )
 
 
+def block_size(name, value):
+    """A dropless block size is a positive int, or None (chosen per shape)."""
+    if value is None:
+        return None
+    return positive_int(name, value)
+
+
 def one_of(name, value, allowed):
     if value not in allowed:
         raise ValueError(

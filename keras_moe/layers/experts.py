@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.ops.dropless import gather_experts
 
 # The kernels of an expert bank, in the order they are saved; each has the
 # expert axis first and its input axis second: (E, in, out).
@@ -281,6 +282,54 @@ class Experts(keras.layers.Layer):
         if self.use_bias:
             outputs = outputs + self.bias_out[:, None, :]
         return outputs
+
+    def call_blocks(self, rows, block_expert, custom_gradient=True):
+        """Runs the experts on expert-sorted rows in blocks (dropless).
+
+        `rows` `(R, d)` are `R / B` blocks of `B` consecutive rows, block
+        `b` for expert `block_expert[b]` (a `keras_moe.ops.make_block_plan`
+        layout). Each block is multiplied by its own expert's weights, in
+        one batched matmul over the blocks, so the cost is that of the `R`
+        rows, whatever `E`:
+
+        `y[b] = act(x[b] W1[e_b] + b1[e_b]) W2[e_b] + b2[e_b]`
+
+        Args:
+            rows: `(R, d)`, `R` a multiple of the number of blocks.
+            block_expert: `(R / B,)` int32 expert of each block.
+            custom_gradient: weight gradients as sorted segment sums.
+
+        Returns:
+            `(R, o)`.
+        """
+        if self.quantization_mode is not None:
+            raise ValueError(
+                f"{self.name}: call_blocks needs float kernels; a quantised "
+                f"bank ({self.quantization_mode}) runs on (E, C, d) buffers."
+            )
+        num_blocks = ops.shape(block_expert)[0]
+        d = ops.shape(rows)[-1]
+        x = ops.reshape(rows, (num_blocks, -1, d))
+
+        def weights(variable):
+            return gather_experts(
+                variable, block_expert, self.num_experts, custom_gradient
+            )
+
+        hidden = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_in))
+        if self.use_bias:
+            hidden = hidden + weights(self.bias_in)[:, None, :]
+        if self.gated:
+            gate = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_gate))
+            if self.use_bias:
+                gate = gate + weights(self.bias_gate)[:, None, :]
+            hidden = self.activation(gate) * hidden
+        else:
+            hidden = self.activation(hidden)
+        outputs = ops.einsum("nbh,nho->nbo", hidden, weights(self.kernel_out))
+        if self.use_bias:
+            outputs = outputs + weights(self.bias_out)[:, None, :]
+        return ops.reshape(outputs, (-1, ops.shape(outputs)[-1]))
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)

@@ -8,6 +8,7 @@ from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.ops import dispatching as dispatch_ops
+from keras_moe.ops import dropless as dropless_ops
 
 DISPATCH_MODES = ("sparse", "dense")
 
@@ -106,8 +107,9 @@ class SparseMoE(keras.layers.Layer):
         k=None,
         output_dim=None,
         capacity_factor=1.25,
-        eval_capacity_factor=2.0,
+        eval_capacity_factor=None,
         dispatch="sparse",
+        block_size=None,
         activation="gelu",
         gated=False,
         use_bias=True,
@@ -135,6 +137,7 @@ class SparseMoE(keras.layers.Layer):
             "eval_capacity_factor", eval_capacity_factor
         )
         self.dispatch = check.one_of("dispatch", dispatch, DISPATCH_MODES)
+        self.block_size = check.block_size("block_size", block_size)
         self.num_shared_experts = check.non_negative_int(
             "num_shared_experts", num_shared_experts
         )
@@ -225,6 +228,17 @@ class SparseMoE(keras.layers.Layer):
                 f"as when the layer was built. Received: input shape {shape}"
             )
 
+    def _uses_blocks(self, capacity_factor):
+        """Dropless sparse calls run on expert-sorted blocks (a capacity of
+        `N` rows per expert would cost what the dense dispatch costs), except
+        for routers that place tokens themselves and int8 banks."""
+        return (
+            capacity_factor is None
+            and self.dispatch == "sparse"
+            and not getattr(self.router, "assigns_positions", False)
+            and self.experts.quantization_mode is None
+        )
+
     def _route(self, tokens, num_tokens, training, routing_inputs):
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
@@ -238,7 +252,15 @@ class SparseMoE(keras.layers.Layer):
         if getattr(self.router, "assigns_positions", False):
             kwargs["capacity"] = capacity
         routing = self.router(tokens, **kwargs)
-        if "position" in routing:
+        if self._uses_blocks(capacity_factor):
+            plan = dropless_ops.make_block_plan(
+                routing["expert_index"],
+                self.num_experts,
+                block_size=self.block_size,
+                valid=routing.get("keep"),
+            )
+            plan["capacity"] = capacity
+        elif "position" in routing:
             plan = dispatch_ops.plan_from_positions(
                 routing["expert_index"],
                 routing["position"],
@@ -275,6 +297,9 @@ class SparseMoE(keras.layers.Layer):
 
     def call(self, inputs, training=None, return_routing=False, routing_inputs=None):
         self._check_call_input(inputs)
+        # Integer inputs as floats on every backend (torch's einsum would
+        # not promote them), as Keras' normalization layers do.
+        inputs = ops.cast(inputs, self.compute_dtype)
         shape = ops.shape(inputs)
         d = shape[-1]
         tokens = ops.reshape(inputs, (-1, d))
@@ -283,7 +308,17 @@ class SparseMoE(keras.layers.Layer):
             routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
         routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
         weights = routing["combine_weights"]
-        if self.dispatch == "sparse":
+        if isinstance(plan, dropless_ops.BlockPlan):
+            rows = dropless_ops.block_dispatch(
+                tokens, plan, custom_gradient=bool(training)
+            )
+            row_outputs = self.experts.call_blocks(
+                rows, plan["block_expert"], custom_gradient=bool(training)
+            )
+            outputs = dropless_ops.block_combine(
+                row_outputs, plan, weights, custom_gradient=bool(training)
+            )
+        elif self.dispatch == "sparse":
             buffers = dispatch_ops.dispatch(
                 tokens, plan, custom_gradient=bool(training)
             )
@@ -373,6 +408,7 @@ class SparseMoE(keras.layers.Layer):
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
             dispatch=self.dispatch,
+            block_size=self.block_size,
             **expert_options_config(self.experts),
             num_shared_experts=self.num_shared_experts,
             seed=self.seed,

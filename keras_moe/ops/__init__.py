@@ -16,10 +16,26 @@ from keras_moe.ops.dispatching import (
     make_dispatch_plan,
     plan_from_positions,
 )
+from keras_moe.ops.dropless import (
+    BlockPlan,
+    block_combine,
+    block_dispatch,
+    default_block_size,
+    gather_experts,
+    make_block_plan,
+    row_budget,
+)
 from keras_moe.ops.selection import top_k
 
 __all__ = [
+    "BlockPlan",
     "DispatchPlan",
+    "block_combine",
+    "block_dispatch",
+    "default_block_size",
+    "gather_experts",
+    "make_block_plan",
+    "row_budget",
     "combine",
     "cv_squared",
     "compute_capacity",

@@ -1,0 +1,291 @@
+"""Dropless sparse dispatch: expert-sorted rows in blocks (MegaBlocks-style).
+
+The capacity path (`keras_moe.ops.dispatching`) gives every expert a buffer
+of `C` rows; dropless routing with it needs `C = N`, so the experts compute
+`E N` rows for `k N` useful ones: the cost of running every expert on every
+token. Here every (token, choice) pair gets exactly one row instead:
+
+1. The `P = N k` pairs are sorted by expert (stable: expert major, pair
+   minor).
+2. Each expert's group of rows is padded up to a multiple of the block size
+   `B`, so that every block of `B` consecutive rows belongs to one expert.
+3. All groups fit in a static row budget `R = ceil((P + E (B - 1)) / B) B`
+   (every expert wastes at most `B - 1` rows), so every shape depends only
+   on `N`, `k`, `E` and `B`, never on the routing: the whole path compiles
+   under XLA.
+4. The experts run as one batched matmul over the `R / B` blocks, each with
+   its expert's weights (`keras_moe.layers.Experts.call_blocks`).
+5. The rows go back to their tokens, weighted by the router weights.
+
+The expert compute is `R` rows: `N k` plus at most `E (B - 1)` of padding,
+instead of `E N`. No pair is ever dropped, so the result equals the dense
+reference (`SparseMoE(dispatch="dense")`) and does not depend on the rest
+of the batch.
+
+Gradients are gathers only (custom rules, as in `dispatching`): a row's
+gradient goes back to its token through the plan, never through the
+scatter-add that autodiff makes of a gather (a serial loop on XLA CPU).
+
+Isolation: empty rows are selected to zero (`where`, not a multiply), and
+a token reads back only its own rows, so a NaN or Inf in one token never
+reaches another token's output or gradient.
+
+References:
+    Gale, Narayanan, Young, Zaharia. MegaBlocks: Efficient Sparse Training
+    with Mixture-of-Experts (2022).
+"""
+
+from keras import ops
+
+from keras_moe.ops.dispatching import _custom_gradient
+
+
+def row_budget(num_pairs, num_experts, block_size):
+    """Static row budget `ceil((P + E (B - 1)) / B) B` for `P` pairs.
+
+    `P` may be a Python int or a scalar integer tensor (dynamic batch).
+    """
+    extra = num_experts * (block_size - 1) + block_size - 1
+    return ((num_pairs + extra) // block_size) * block_size
+
+
+def default_block_size(num_pairs, num_experts):
+    """The block size used when a layer is not given one.
+
+    The padding costs at most `E (B - 1)` rows on top of `P = N k`; the
+    block matmuls read one expert's weights per block, so blocks that are
+    too small are bound by memory. This picks the largest power of two
+    `16 <= B <= 128` whose worst-case padding stays within a quarter of
+    `P` (measured in `benchmarks/moe_speed.py`; see docs/performance.md),
+    or 16 when even that is too much. An unknown `P` (a dynamic batch in a
+    TensorFlow graph) gets 64.
+    """
+    if num_pairs is None or not isinstance(num_pairs, int):
+        return 64
+    block = 128
+    while block > 16 and num_experts * (block - 1) > num_pairs // 4:
+        block //= 2
+    return block
+
+
+class BlockPlan(dict):
+    """Where each (row, choice) pair of a dropless dispatch goes. Keys:
+
+    - `expert_index` `(R, k)` int32, `valid` `(R, k)` bool: the pairs (an
+      invalid pair, e.g. of a masked token, takes no row); `keep` is
+      `valid` (nothing is dropped), for code written for a `DispatchPlan`.
+    - `position` `(R, k)` int32: the pair's rank among its expert's rows.
+    - `pair_row` `(R, k)` int32: the pair's row in the sorted, padded
+      layout, `num_rows` for an invalid pair.
+    - `row_pair` `(num_rows,)` int32: the flat pair (`r k + j`) held by
+      each row, `P = R k` for a padding row.
+    - `block_expert` `(num_rows / B,)` int32: the expert of each block.
+    - `counts` `(E,)` int32: valid pairs per expert.
+
+    plus the Python ints `num_experts`, `block_size`, `k` and
+    `rows_per_token` (`T`: the plan's `R` rows are `T` pseudo-tokens per
+    real token, token-major, as in `MultiGateMoE`), and `num_rows` /
+    `num_tokens` (ints, or scalar tensors for a dynamic batch).
+    """
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def make_block_plan(
+    expert_index, num_experts, block_size=None, valid=None, rows_per_token=1
+):
+    """Sorts the (row, choice) pairs by expert into blocks of `block_size`.
+
+    Args:
+        expert_index: `(R, k)` integer tensor with values in `[0, E)`.
+        num_experts: `E`, a Python int.
+        block_size: `B`, a Python int >= 1, or `None` for
+            `default_block_size`.
+        valid: optional `(R, k)` bool: pairs to place (default: all).
+        rows_per_token: `T` pseudo-tokens (rows) per real token.
+
+    Returns:
+        A `BlockPlan`.
+    """
+    expert_index = ops.cast(expert_index, "int32")
+    shape = ops.shape(expert_index)
+    rows, k = shape[0], shape[1]
+    num_pairs = rows * k
+    if block_size is None:
+        block_size = default_block_size(num_pairs, num_experts)
+    num_rows = row_budget(num_pairs, num_experts, block_size)
+
+    flat = ops.reshape(expert_index, (-1,))
+    if valid is not None:
+        # Invalid pairs go to a bucket E that is sorted last and takes no row.
+        flat = ops.where(ops.reshape(valid, (-1,)), flat, num_experts)
+    else:
+        valid = ops.ones_like(expert_index, dtype="bool")
+    pair_ids = ops.arange(0, num_pairs, dtype="int32")
+    # A unique key per pair makes any sort stable: expert major, pair minor.
+    key = flat * num_pairs + pair_ids
+    order = ops.cast(ops.argsort(key), "int32")  # sorted position -> pair
+    sorted_expert = ops.take(flat, order, axis=0)
+
+    one_hot = ops.one_hot(flat, num_experts + 1, dtype="int32")
+    counts = ops.sum(one_hot, axis=0)[:num_experts]  # (E,)
+    start = ops.cumsum(counts) - counts  # first sorted position of each expert
+    padded = ((counts + block_size - 1) // block_size) * block_size
+    padded_end = ops.cumsum(padded)
+    padded_start = padded_end - padded
+
+    placed = sorted_expert < num_experts
+    expert_of_sorted = ops.minimum(sorted_expert, num_experts - 1)
+    rank = pair_ids - ops.take(start, expert_of_sorted, axis=0)
+    row_of_sorted = ops.where(
+        placed, ops.take(padded_start, expert_of_sorted, axis=0) + rank, num_rows
+    )
+    pair_row = ops.scatter_update(
+        ops.zeros((num_pairs,), "int32"), order[:, None], row_of_sorted
+    )
+    row_pair = ops.scatter_update(
+        ops.full((num_rows + 1,), num_pairs, dtype="int32"),
+        row_of_sorted[:, None],
+        order,
+    )[:num_rows]
+
+    block_start = ops.arange(0, num_rows, block_size, dtype="int32")
+    block_expert = ops.sum(
+        ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1
+    )
+    block_expert = ops.minimum(block_expert, num_experts - 1)
+
+    valid = ops.cast(valid, "bool")
+    pair_row = ops.reshape(pair_row, (rows, k))
+    position = ops.where(
+        valid, pair_row - ops.take(padded_start, expert_index, axis=0), 0
+    )
+    return BlockPlan(
+        expert_index=expert_index,
+        valid=valid,
+        keep=valid,
+        position=position,
+        pair_row=pair_row,
+        row_pair=row_pair,
+        block_expert=block_expert,
+        counts=counts,
+        num_experts=num_experts,
+        block_size=block_size,
+        k=k,
+        rows_per_token=rows_per_token,
+        num_rows=num_rows,
+        num_pairs=num_pairs,
+        num_tokens=rows // rows_per_token,
+    )
+
+
+def block_dispatch(tokens, plan, custom_gradient=True):
+    """Gathers tokens into the plan's rows: `(N, d)` -> `(num_rows, d)`.
+
+    Padding rows are zero. With `custom_gradient`, the gradient of token `n`
+    is the sum of the gradients of its valid pairs' rows, a gather.
+    """
+    num_pairs = plan["num_pairs"]
+    num_tokens = plan["num_tokens"]
+    num_rows = plan["num_rows"]
+    group = plan["k"] * plan["rows_per_token"]  # pairs per real token
+    row_pair = plan["row_pair"]
+    filled = row_pair < num_pairs
+    source = ops.minimum(row_pair // group, num_tokens - 1)
+
+    def forward(tokens):
+        rows = ops.take(tokens, source, axis=0)
+        return ops.where(filled[:, None], rows, ops.zeros_like(rows)), None
+
+    def backward(_, upstream):
+        pair_row = ops.reshape(plan["pair_row"], (-1,))
+        held = pair_row < num_rows
+        g = ops.take(upstream, ops.minimum(pair_row, num_rows - 1), axis=0)
+        g = ops.where(held[:, None], g, ops.zeros_like(g))
+        g = ops.reshape(g, (num_tokens, group, ops.shape(g)[-1]))
+        return ops.sum(g, axis=1)
+
+    tokens = ops.convert_to_tensor(tokens)
+    if custom_gradient:
+        return _custom_gradient(forward, backward)(tokens)
+    return forward(tokens)[0]
+
+
+def block_combine(row_outputs, plan, combine_weights, custom_gradient=True):
+    """Gathers each pair's row back and mixes: `(num_rows, o)` -> `(R, o)`.
+
+    `y[r] = sum_j valid[r, j] w[r, j] out[pair_row[r, j]]`, with a select
+    (not a multiply by 0) so that no other row's value can leak in.
+    """
+    num_rows = plan["num_rows"]
+    num_pairs = plan["num_pairs"]
+    k = plan["k"]
+    pair_row = plan["pair_row"]
+    valid = plan["valid"]
+    index = ops.minimum(pair_row, num_rows - 1)
+
+    def forward(row_outputs, combine_weights):
+        gathered = ops.take(row_outputs, index, axis=0)  # (R, k, o)
+        weights = ops.cast(combine_weights, gathered.dtype)
+        mixed = ops.where(
+            valid[..., None], weights[..., None] * gathered, ops.zeros_like(gathered)
+        )
+        return ops.sum(mixed, axis=1), (gathered, weights)
+
+    def backward(residuals, upstream):  # upstream: (R, o)
+        gathered, weights = residuals
+        flat_weights = ops.reshape(ops.cast(weights, upstream.dtype), (-1,))
+        row_pair = plan["row_pair"]
+        held = row_pair < num_pairs
+        pair = ops.minimum(row_pair, num_pairs - 1)
+        d_rows = ops.take(upstream, pair // k, axis=0) * ops.take(
+            flat_weights, pair, axis=0
+        )[:, None]
+        d_rows = ops.where(held[:, None], d_rows, ops.zeros_like(d_rows))
+        products = ops.sum(gathered * upstream[:, None, :], axis=-1)
+        d_weights = ops.where(valid, products, ops.zeros_like(products))
+        return (
+            ops.cast(d_rows, row_outputs.dtype),
+            ops.cast(d_weights, combine_weights.dtype),
+        )
+
+    row_outputs = ops.convert_to_tensor(row_outputs)
+    combine_weights = ops.convert_to_tensor(combine_weights)
+    if custom_gradient:
+        return _custom_gradient(forward, backward)(row_outputs, combine_weights)
+    return forward(row_outputs, combine_weights)[0]
+
+
+def gather_experts(values, block_expert, num_experts, custom_gradient=True):
+    """`values[block_expert]`: one expert's weights per block, `(E, ...)` ->
+    `(num_blocks, ...)`.
+
+    With `custom_gradient`, the gradient is a segment sum over the blocks
+    (the sum of the gradients of the blocks of each expert).
+    """
+
+    def forward(values):
+        return ops.take(values, block_expert, axis=0), None
+
+    def backward(_, upstream):
+        # (TensorFlow's sorted segment sum cannot take `num_segments`.)
+        return ops.segment_sum(upstream, block_expert, num_segments=num_experts)
+
+    if not custom_gradient:
+        return forward(values)[0]
+    return _custom_gradient(forward, backward)(values)
+
+
+__all__ = [
+    "BlockPlan",
+    "block_combine",
+    "block_dispatch",
+    "default_block_size",
+    "gather_experts",
+    "make_block_plan",
+    "row_budget",
+]
