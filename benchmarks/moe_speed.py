@@ -72,8 +72,24 @@ def grid(args):
 # ---------------------------------------------------------------------------
 
 
-def make_models(keras, n_tokens, d, h, e, k, cf, names, eval_cf=2.0):
+def make_models(keras, n_tokens, d, h, e, k, cf, names, eval_cf=2.0, block_size=None):
     from keras_moe.layers import SparseMoE
+
+    class ExpertBankFloor(keras.layers.Layer):
+        """Weights of the size of an `E`-expert bank that the step must
+        differentiate and update but that change nothing (`+ 0 * sum`): the
+        part of an MoE step that grows with `E` whatever the dispatch."""
+
+        def __init__(self, e, d, h):
+            super().__init__()
+            self.shapes = ((e, d, h), (e, h), (e, h, d), (e, d))
+
+        def build(self, input_shape):
+            self.bank = [self.add_weight(shape=s, initializer="zeros") for s in self.shapes]
+
+        def call(self, x):
+            total = sum(keras.ops.sum(w) for w in self.bank)
+            return x + 0.0 * total
 
     def model(layer):
         inputs = keras.Input((d,))
@@ -89,11 +105,19 @@ def make_models(keras, n_tokens, d, h, e, k, cf, names, eval_cf=2.0):
         "ffn": lambda: keras.Sequential(
             [keras.layers.Dense(k * h, activation="gelu"), keras.layers.Dense(d)]
         ),
+        "roofline": lambda: keras.Sequential(
+            [
+                keras.layers.Dense(k * h, activation="gelu"),
+                keras.layers.Dense(d),
+                ExpertBankFloor(e, d, h),
+            ]
+        ),
         "sparse": lambda: SparseMoE(
             e, h, k=k, capacity_factor=cf, eval_capacity_factor=eval_cf
         ),
         "dropless": lambda: SparseMoE(
-            e, h, k=k, capacity_factor=cf, eval_capacity_factor=None
+            e, h, k=k, capacity_factor=None, eval_capacity_factor=None,
+            block_size=block_size,
         ),
         "dense": lambda: SparseMoE(
             e, h, k=k, capacity_factor=cf, eval_capacity_factor=eval_cf,
@@ -123,16 +147,24 @@ def train_worker(args):
     import keras
 
     keras.utils.set_random_seed(0)
-    ffn_cache = {}
-    for n, k, e, cf in grid(args):
+    for n, k, e in itertools.product(args.tokens, args.k, args.experts):
         x, y = data(n, args.dim)
-        names = ["sparse"] + (["dense"] if e * n <= args.dense_limit else [])
-        models = make_models(keras, n, args.dim, args.hidden, e, k, cf, names)
-        if (n, k) not in ffn_cache:  # the FFN depends on N and k only
-            ffn_cache[(n, k)] = make_models(
-                keras, n, args.dim, args.hidden, e, k, cf, ["ffn"]
-            )["ffn"]
-        models = {"ffn": ffn_cache[(n, k)], **models}
+        models = make_models(
+            keras, n, args.dim, args.hidden, e, k, None, ["ffn", "roofline"]
+        )
+        for b in args.block_sizes or [None]:
+            name = "dropless" if b is None else f"dropless_B{b}"
+            models[name] = make_models(
+                keras, n, args.dim, args.hidden, e, k, None, ["dropless"], block_size=b
+            )["dropless"]
+        for cf in args.capacity_factors:
+            models[f"cf{cf}"] = make_models(
+                keras, n, args.dim, args.hidden, e, k, cf, ["sparse"]
+            )["sparse"]
+        if e * n <= args.dense_limit:
+            models["dense"] = make_models(
+                keras, n, args.dim, args.hidden, e, k, None, ["dense"]
+            )["dense"]
         times = {name: [] for name in models}
         for rep in range(args.warmup + args.reps):
             for name, m in models.items():
@@ -141,18 +173,18 @@ def train_worker(args):
                 step(m, x, y)
                 if rep >= args.warmup:
                     times[name].append(time.perf_counter() - start)
-        row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e, "cf": cf}
-        row.update({f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()})
-        row["sparse_over_ffn"] = statistics.median(
-            s / f for s, f in zip(times["sparse"], times["ffn"])
-        )
-        if "dense" in times:
-            row["dense_over_sparse"] = statistics.median(
-                dd / s for dd, s in zip(times["dense"], times["sparse"])
-            )
+
+        def ratio(a, b):
+            return statistics.median(p / q for p, q in zip(times[a], times[b]))
+
+        row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e}
+        row["ms"] = {name: 1000 * statistics.median(t) for name, t in times.items()}
+        row["over_ffn"] = {name: ratio(name, "ffn") for name in times}
+        row["over_roofline"] = {name: ratio(name, "roofline") for name in times}
+        dropless = "dropless" if "dropless" in times else f"dropless_B{args.block_sizes[0]}"
+        row["over_dropless"] = {name: ratio(name, dropless) for name in times}
         print("RESULT " + json.dumps(row), flush=True)
-        for name in names:  # free the big models before the next configuration
-            del models[name]
+        del models
 
 
 def rss_kib(field):
@@ -242,26 +274,18 @@ def cell(value, fmt):
 def print_train(rows, args):
     print(f"\nTraining step (fwd+bwd+SGD), d={args.dim} h={args.hidden}; medians of "
           f"{args.reps} interleaved reps; ratios are medians of per-rep ratios\n")
-    print("| backend | N | k | E | cf | FFN (ms) | SparseMoE (ms) | dense dispatch (ms) "
-          "| SparseMoE / FFN | dense dispatch / SparseMoE |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = list(dict.fromkeys(n for r in rows for n in r["ms"]))
+    print("| backend | N | k | E | " + " | ".join(f"{n} (ms)" for n in names)
+          + " | " + " | ".join(f"{n} / FFN" for n in names if n != "ffn")
+          + " | dropless / roofline | dense / dropless |")
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(names) + 1))
     for r in rows:
-        print(f"| {r['backend']} | {r['N']} | {r['k']} | {r['E']} | {r['cf']} | "
-              f"{r['ffn_ms']:.1f} | {r['sparse_ms']:.1f} | {cell(r.get('dense_ms'), '.1f')} | "
-              f"{r['sparse_over_ffn']:.2f} | {cell(r.get('dense_over_sparse'), '.2f')} |")
-    # Flatness in E: largest E over smallest E, same backend, N, k, cf.
-    print("\nStep time in E (SparseMoE, largest E / smallest E):\n")
-    print("| backend | N | k | cf | E range | time ratio |")
-    print("|---|---:|---:|---:|---|---:|")
-    keyed = {}
-    for r in rows:
-        keyed.setdefault((r["backend"], r["N"], r["k"], r["cf"]), []).append(r)
-    for (backend, n, k, cf), group in keyed.items():
-        if len(group) > 1:
-            group.sort(key=lambda r: r["E"])
-            lo, hi = group[0], group[-1]
-            print(f"| {backend} | {n} | {k} | {cf} | {lo['E']} -> {hi['E']} | "
-                  f"{hi['sparse_ms'] / lo['sparse_ms']:.2f} |")
+        dropless = next(n for n in r["ms"] if n.startswith("dropless"))
+        print(f"| {r['backend']} | {r['N']} | {r['k']} | {r['E']} | "
+              + " | ".join(cell(r["ms"].get(n), ".0f") for n in names) + " | "
+              + " | ".join(cell(r["over_ffn"].get(n), ".2f") for n in names if n != "ffn")
+              + f" | {r['over_roofline'][dropless]:.2f} | "
+              + f"{cell(r['over_dropless'].get('dense'), '.1f')} |")
 
 
 def print_memory(rows):
@@ -304,6 +328,9 @@ def main():
     parser.add_argument("--k", type=ints, default=[1, 2])
     parser.add_argument("--capacity-factors", type=floats, default=[1.0, 1.25])
     parser.add_argument("--batches", type=ints, default=[1, 256])
+    parser.add_argument("--block-sizes", type=ints, default=[],
+                        help="train: dropless block sizes to compare (default: "
+                             "the per-shape default)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dense-limit", type=int, default=16 * 16384,

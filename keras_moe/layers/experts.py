@@ -283,7 +283,7 @@ class Experts(keras.layers.Layer):
             outputs = outputs + self.bias_out[:, None, :]
         return outputs
 
-    def call_blocks(self, rows, block_expert, custom_gradient=True):
+    def call_blocks(self, rows, block_expert):
         """Runs the experts on expert-sorted rows in blocks (dropless).
 
         `rows` `(R, d)` are `R / B` blocks of `B` consecutive rows, block
@@ -297,7 +297,6 @@ class Experts(keras.layers.Layer):
         Args:
             rows: `(R, d)`, `R` a multiple of the number of blocks.
             block_expert: `(R / B,)` int32 expert of each block.
-            custom_gradient: weight gradients as sorted segment sums.
 
         Returns:
             `(R, o)`.
@@ -312,9 +311,7 @@ class Experts(keras.layers.Layer):
         x = ops.reshape(rows, (num_blocks, -1, d))
 
         def weights(variable):
-            return gather_experts(
-                variable, block_expert, self.num_experts, custom_gradient
-            )
+            return gather_experts(variable, block_expert, self.num_experts)
 
         hidden = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_in))
         if self.use_bias:

@@ -23,16 +23,23 @@ class SparseMoE(keras.layers.Layer):
 
     `y(x) = sum_{j=1..k} keep_j(x) * w_j(x) * FFN_{e_j(x)}(x)`
 
-    Expert `e` holds at most `C = ceil(k N / E * capacity_factor)` of the `N`
-    tokens of a call; an assignment beyond that is dropped (`keep = 0`, the
-    token's other choices still count; first choices of all tokens are placed
-    before second choices, earlier tokens first). `capacity_factor` applies in
-    training, `eval_capacity_factor` in inference; `None` means dropless
-    (`C = N`).
+    With a capacity factor `c`, expert `e` holds at most
+    `C = ceil(k N / E * c)` of the `N` tokens of a call; an assignment beyond
+    that is dropped (`keep = 0`, the token's other choices still count;
+    first choices of all tokens are placed before second choices, earlier
+    tokens first). `capacity_factor` applies in training,
+    `eval_capacity_factor` in inference. `None` (the inference default) is
+    dropless: every assignment is computed, so a prediction never depends on
+    the rest of the batch.
 
-    `dispatch="sparse"` gathers tokens into static-shape `(E, C, d)` buffers,
-    so the expert compute is proportional to `k * capacity_factor`, not to
-    `E`; it compiles with `jit_compile=True` on TensorFlow and JAX.
+    `dispatch="sparse"` computes only the chosen experts, in static shapes
+    that compile with `jit_compile=True` on TensorFlow and JAX. With a
+    capacity factor, tokens are gathered into `(E, C, d)` buffers (expert
+    compute `~ k c N` rows). Dropless, the `N k` (token, expert) pairs are
+    sorted by expert into blocks of `block_size` rows, each expert's group
+    padded to whole blocks, and the experts run as one batched matmul over
+    the blocks (`keras_moe.ops.make_block_plan`, MegaBlocks-style): expert
+    compute `N k + E (block_size - 1)` rows at most.
     `dispatch="dense"` runs every expert on every token and masks (as
     keras-hub's MoE blocks do): the same function, `E / k` times the compute;
     it is the numerical reference.
@@ -51,9 +58,13 @@ class SparseMoE(keras.layers.Layer):
         k: experts per token (`1` is Switch routing); default 2, or the
             router's `k` when `router` is given.
         output_dim: output width; defaults to the input width.
-        capacity_factor: training capacity factor (> 0) or `None`.
-        eval_capacity_factor: inference capacity factor (> 0) or `None`.
+        capacity_factor: training capacity factor (> 0) or `None`
+            (dropless); default 1.25.
+        eval_capacity_factor: inference capacity factor (> 0) or `None`
+            (dropless, the default).
         dispatch: `"sparse"` or `"dense"`.
+        block_size: rows per block of the dropless path; `None` (default)
+            picks one per shape (`keras_moe.ops.default_block_size`).
         activation: expert activation.
         gated: gated (GLU) experts; with `activation="silu"`, SwiGLU.
         use_bias: biases in the experts.
@@ -97,7 +108,7 @@ class SparseMoE(keras.layers.Layer):
     References:
         Shazeer et al. Outrageously Large Neural Networks (2017).
         Lepikhin et al. GShard (2020). Fedus, Zoph, Shazeer. Switch
-        Transformers (2021).
+        Transformers (2021). Gale et al. MegaBlocks (2022).
     """
 
     def __init__(
@@ -312,9 +323,7 @@ class SparseMoE(keras.layers.Layer):
             rows = dropless_ops.block_dispatch(
                 tokens, plan, custom_gradient=bool(training)
             )
-            row_outputs = self.experts.call_blocks(
-                rows, plan["block_expert"], custom_gradient=bool(training)
-            )
+            row_outputs = self.experts.call_blocks(rows, plan["block_expert"])
             outputs = dropless_ops.block_combine(
                 row_outputs, plan, weights, custom_gradient=bool(training)
             )

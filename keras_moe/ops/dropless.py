@@ -260,24 +260,22 @@ def block_combine(row_outputs, plan, combine_weights, custom_gradient=True):
     return forward(row_outputs, combine_weights)[0]
 
 
-def gather_experts(values, block_expert, num_experts, custom_gradient=True):
+def gather_experts(values, block_expert, num_experts):
     """`values[block_expert]`: one expert's weights per block, `(E, ...)` ->
-    `(num_blocks, ...)`.
+    `(num_blocks, ...)`, as a one-hot matmul.
 
-    With `custom_gradient`, the gradient is a segment sum over the blocks
-    (the sum of the gradients of the blocks of each expert).
+    A matmul `(num_blocks, E) x (E, size)` rather than a gather: its
+    gradient is the transposed matmul (the per-expert sum of the blocks'
+    gradients), never a scatter-add, and it is as fast as or faster than
+    `take` on TensorFlow and torch (torch's `index_select` copies large
+    rows slowly on CPU: 0.6 s against 0.06 s for 72 blocks of 256 x 1024
+    weights). It costs `E / B` of the block matmuls' FLOPs.
     """
-
-    def forward(values):
-        return ops.take(values, block_expert, axis=0), None
-
-    def backward(_, upstream):
-        # (TensorFlow's sorted segment sum cannot take `num_segments`.)
-        return ops.segment_sum(upstream, block_expert, num_segments=num_experts)
-
-    if not custom_gradient:
-        return forward(values)[0]
-    return _custom_gradient(forward, backward)(values)
+    shape = tuple(values.shape)
+    flat = ops.reshape(values, (num_experts, -1))
+    one_hot = ops.one_hot(block_expert, num_experts, dtype=flat.dtype)
+    gathered = ops.matmul(one_hot, flat)
+    return ops.reshape(gathered, (-1,) + shape[1:])
 
 
 __all__ = [
