@@ -52,19 +52,22 @@ def row_budget(num_pairs, num_experts, block_size):
 def default_block_size(num_pairs, num_experts):
     """The block size used when a layer is not given one.
 
-    The padding costs at most `E (B - 1)` rows on top of `P = N k`; the
-    block matmuls read one expert's weights per block, so blocks that are
-    too small are bound by memory. This picks the largest power of two
-    `16 <= B <= 128` whose worst-case padding stays within a quarter of
-    `P` (measured in `benchmarks/moe_speed.py`; see docs/performance.md),
-    or 16 when even that is too much. An unknown `P` (a dynamic batch in a
-    TensorFlow graph) gets 64.
+    Per weight matrix, the block matmuls cost `R d h` multiply-adds for the
+    `R <= P + E B` rows (`P = N k` pairs plus the padding), and gathering
+    each block's expert weights (a one-hot matmul, forward and backward)
+    costs `(R / B) E d h`: a fraction `E / B` of the matmuls. Forward plus
+    backward (three matmuls, two gathers), the cost is about
+    `(P + E B) (1 + 2 E / (3 B))`, smallest at `B = sqrt(2 P / 3)`, whatever
+    `E`. This returns that `B` rounded to a power of two in `[16, 256]`.
+    An unknown `P` (a dynamic batch in a TensorFlow graph) gets 64.
     """
+    del num_experts  # the optimum does not depend on it (see above)
     if num_pairs is None or not isinstance(num_pairs, int):
         return 64
-    block = 128
-    while block > 16 and num_experts * (block - 1) > num_pairs // 4:
-        block //= 2
+    target = (2 * num_pairs / 3) ** 0.5
+    block = 16
+    while block < 256 and block * 1.5 < target:  # nearest power of two
+        block *= 2
     return block
 
 

@@ -80,11 +80,10 @@ def test_block_plan_invariants(case):
         np.testing.assert_array_equal(position[mine], np.arange(mine.sum()))
 
 
-def test_default_block_size_bounds_the_padding():
-    for pairs, experts in [(8192, 8), (8192, 64), (32768, 64), (10, 4), (65536, 128)]:
-        block = moe_ops.default_block_size(pairs, experts)
-        assert 16 <= block <= 128 and block & (block - 1) == 0
-        assert block == 16 or experts * (block - 1) <= pairs // 4
+def test_default_block_size_follows_the_cost_model():
+    """`B` near `sqrt(2 P / 3)`, a power of two in [16, 256]."""
+    for pairs, block in [(10, 16), (600, 16), (8192, 64), (32768, 128), (10**6, 256)]:
+        assert moe_ops.default_block_size(pairs, 8) == block
     assert moe_ops.default_block_size(None, 8) == 64
 
 
