@@ -95,7 +95,11 @@ class TopKRouter(keras.layers.Layer):
         score_function: `"softmax"` or `"sigmoid"`.
         noisy_gating: add trainable, input-dependent Gaussian noise to the
             logits in training (Shazeer et al. 2017).
-        renormalize: renormalise the top-k weights to sum to 1 (`k > 1`).
+        renormalize: renormalise the top-k weights to sum to 1: `True` for
+            `k > 1` (at `k = 1` a softmax router keeps the raw probability,
+            as Switch does, so the task loss trains the router), `"always"`
+            also at `k = 1` (weight 1.0, as keras-hub's Mixtral and
+            Qwen-MoE blocks), `False` never.
         batch_prioritized: order the tokens by top-1 score for capacity.
         use_bias: add a (trainable) bias to the router logits.
         load_balance_weight: weight of the Switch load-balancing loss.
@@ -166,7 +170,12 @@ class TopKRouter(keras.layers.Layer):
             "score_function", score_function, SCORE_FUNCTIONS
         )
         self.noisy_gating = bool(noisy_gating)
-        self.renormalize = bool(renormalize)
+        if renormalize not in (True, False, "always"):
+            raise ValueError(
+                "renormalize must be True, False or 'always'. Received: "
+                f"renormalize={renormalize!r}"
+            )
+        self.renormalize = renormalize if renormalize == "always" else bool(renormalize)
         self.batch_prioritized = bool(batch_prioritized)
         self.use_bias = bool(use_bias)
         for name, value in (
@@ -254,7 +263,9 @@ class TopKRouter(keras.layers.Layer):
             top = ops.take_along_axis(scores, expert_index, axis=-1)
         else:
             top, expert_index = selection.top_k(scores, self.k)
-        if self.renormalize and (self.k > 1 or self.score_function == "sigmoid"):
+        if self.renormalize == "always" or (
+            self.renormalize and (self.k > 1 or self.score_function == "sigmoid")
+        ):
             top = top / ops.sum(top, axis=-1, keepdims=True)
 
         e = self.num_experts

@@ -111,22 +111,15 @@ def qwen3_weights(block):
 
 MIXTRAL_LOSS = mixtral_decoder.compute_load_balancing_loss
 QWEN3_LOSS = qwen3_moe_decoder.compute_load_balancing_loss
+# keras-hub renormalises the top-k weights even at k = 1 (weight 1: Mixtral
+# always, Qwen3-MoE with norm_top_k_prob=True): TopKRouter's "always".
 CASES = {
-    "mixtral": (mixtral_block, True, 0.02, mixtral_weights, MIXTRAL_LOSS),
-    "qwen3_moe_norm_top_k": (qwen3_block(True), True, 0.01, qwen3_weights, QWEN3_LOSS),
+    "mixtral": (mixtral_block, "always", 0.02, mixtral_weights, MIXTRAL_LOSS),
+    "qwen3_moe_norm_top_k": (
+        qwen3_block(True), "always", 0.01, qwen3_weights, QWEN3_LOSS
+    ),
     "qwen3_moe_raw_top_k": (qwen3_block(False), False, 0.01, qwen3_weights, QWEN3_LOSS),
 }
-
-# keras-hub renormalises a single choice to weight 1 (Mixtral always,
-# Qwen3-MoE with norm_top_k_prob=True); TopKRouter renormalises only for
-# k > 1 and keeps Switch's raw probability for k = 1 (so that the task loss
-# trains the router), and has no option to renormalise k = 1.
-K1_RENORM = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="TopKRouter(renormalize=True) keeps the raw probability at k=1; "
-    "keras-hub renormalises it to 1",
-)
 
 PARAMS = [
     pytest.param("mixtral", 2, id="mixtral-k2"),
@@ -134,10 +127,8 @@ PARAMS = [
     pytest.param("qwen3_moe_norm_top_k", 2, id="qwen3_moe_norm-k2"),
     pytest.param("qwen3_moe_raw_top_k", 2, id="qwen3_moe_raw-k2"),
     pytest.param("qwen3_moe_raw_top_k", 1, id="qwen3_moe_raw-k1"),
-]
-K1_RENORM_PARAMS = [
-    pytest.param("mixtral", 1, id="mixtral-k1", marks=K1_RENORM),
-    pytest.param("qwen3_moe_norm_top_k", 1, id="qwen3_moe_norm-k1", marks=K1_RENORM),
+    pytest.param("mixtral", 1, id="mixtral-k1"),
+    pytest.param("qwen3_moe_norm_top_k", 1, id="qwen3_moe_norm-k1"),
 ]
 
 
@@ -217,7 +208,7 @@ def max_diff(a, b):
     return float(np.max(np.abs(numpy_of(a) - numpy_of(b))))
 
 
-@pytest.mark.parametrize("case, top_k", PARAMS + K1_RENORM_PARAMS)
+@pytest.mark.parametrize("case, top_k", PARAMS)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_outputs_and_aux_loss_match(case, top_k, training):
     hub, moe, _ = make_pair(case, top_k)
