@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest
 
 
@@ -48,3 +49,51 @@ RUN_FIRST = ("test_examples.py", "test_cross_backend.py", "test_distribution.py"
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in RUN_FIRST)
+
+
+class _InputProbe(keras.layers.Layer):
+    """`layer(x[0] + offset)` for one batch `x` of shape `(1, N, ...)`, with a
+    trainable zero `offset` of shape `(N, ...)`; keeps the output rows
+    `rows` (a list output is concatenated on its last axis)."""
+
+    def __init__(self, layer, rows, training, **kwargs):
+        super().__init__(**kwargs)
+        self.layer, self.rows, self.training_mode = layer, list(rows), training
+
+    def build(self, input_shape):
+        self.offset = self.add_weight(
+            name="offset", shape=input_shape[1:], initializer="zeros"
+        )
+
+    def call(self, x):
+        y = self.layer(x[0] + self.offset, training=self.training_mode)
+        if isinstance(y, (list, tuple)):
+            y = keras.ops.concatenate(y, axis=-1)
+        return keras.ops.take(y, self.rows, axis=0)[None]
+
+
+def input_gradients(layer, x, rows, training=True):
+    """The gradient of `sum(layer(x)[rows])` (plus the layer's own losses)
+    with respect to every row of `x`, the `N` tokens or examples `(N, ...)`
+    of one call, as NumPy.
+
+    Read off one eager SGD(1) step on a zero offset added to `x` (the step
+    moves it by minus the gradient), so no backend's gradient API is needed.
+    `layer` is called with `training`, which picks e.g. the custom gradient
+    rules of `keras_moe.ops.dispatch` and `combine`. The layer's variables
+    are restored afterwards.
+    """
+    probe = _InputProbe(layer, rows, training, name="input_probe")
+    inputs = keras.Input(x.shape, batch_size=1)
+    model = keras.Model(inputs, probe(inputs))
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss=lambda _, y: keras.ops.sum(y),
+        run_eagerly=True,
+    )
+    saved = [np.array(keras.ops.convert_to_numpy(v)) for v in layer.variables]
+    target = np.zeros((1,) + tuple(model.outputs[0].shape[1:]), "float32")
+    model.train_on_batch(x[None], target)
+    for variable, value in zip(layer.variables, saved):
+        variable.assign(value)
+    return -keras.ops.convert_to_numpy(probe.offset)

@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _validation as check
+from keras_moe.layers.experts import quantized_dtype_config
 
 OUTPUT_MODES = ("probabilities", "logits")
 
@@ -104,7 +105,9 @@ class _Head(keras.layers.Layer):
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
         )
-        return config
+        # The Dense layers are rebuilt from this config: keep their int8
+        # policies after `quantize` (else the saved model does not load).
+        return quantized_dtype_config(self, config)
 
     def default_loss(self):
         """A new Keras loss suited to this head's output."""

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
+from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.layers.routers import default_router_initializer
 from keras_moe.ops import balancing, selection
 from keras_moe.ops import dispatching as dispatch_ops
@@ -23,6 +24,20 @@ def _revive(obj):
 
 def _prod(values):
     return int(math.prod(values))
+
+
+def _sublayer_policy(layer, default):
+    """The dtype policy of a sublayer that `layer` creates in `__init__` with
+    the policy `default`: `default`, or, for a layer revived from a config
+    that `quantized_dtype_config` wrote (a `DTypePolicyMap` of its quantised
+    sublayers), that map with `default` as its default, so that a quantised
+    sublayer is rebuilt quantised."""
+    policy = layer.dtype_policy
+    if not isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return default
+    return keras.dtype_policies.DTypePolicyMap(
+        default_policy=default, policy_map={key: policy[key] for key in policy}
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -181,7 +196,7 @@ class MixtureOfExperts(keras.layers.Layer):
             gate = keras.layers.Dense(
                 self.num_experts,
                 kernel_initializer=default_router_initializer(),
-                dtype="float32",
+                dtype=_sublayer_policy(self, "float32"),
                 name="gate",
             )
         elif not isinstance(gate, keras.layers.Layer):
@@ -327,12 +342,15 @@ class MixtureOfExperts(keras.layers.Layer):
         else:
             mixed = None
             last = self.num_experts * plan["capacity"] - 1
-            gathered = ops.take(
+            gathered = dispatch_ops.take_rows(
                 ops.reshape(expert_outputs, (-1, self._output_dim)),
                 ops.minimum(plan["slot"], last),
-                axis=0,
             )  # (B, k, O)
-            gathered = gathered * ops.cast(plan["keep"], gathered.dtype)[..., None]
+            # Replaced, not multiplied by 0: the row read for a dropped pair
+            # is another example's (NaN * 0 = NaN).
+            gathered = ops.where(
+                plan["keep"][..., None], gathered, ops.zeros_like(gathered)
+            )
         routed, kept = dispatch_ops.expert_counts(plan)
         return gathered, top, plan["keep"], plan["expert_index"], index, routed, kept, (
             mixed,
@@ -451,8 +469,15 @@ class MixtureOfExperts(keras.layers.Layer):
             return super(keras.layers.Layer, self).compute_output_spec(
                 inputs, training=training, return_routing=True
             )
+        # The outputs are the experts' outputs mixed in their dtype, which
+        # need not be this layer's compute dtype (e.g. float32 experts in a
+        # mixed-precision layer).
+        spec = keras.KerasTensor((None,) + tuple(inputs.shape[1:]), dtype=inputs.dtype)
+        dtype = keras.backend.result_type(
+            *(expert(spec).dtype for expert in self.experts)
+        )
         return keras.KerasTensor(
-            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
+            self.compute_output_shape(inputs.shape), dtype=dtype
         )
 
     def get_config(self):
@@ -473,4 +498,6 @@ class MixtureOfExperts(keras.layers.Layer):
             load_balance_weight=self.load_balance_weight,
             attention_dim=self.attention_dim,
         )
-        return config
+        # The gate and attention layers are rebuilt from this config: keep
+        # their int8 policies after `quantize`.
+        return quantized_dtype_config(self, config)

@@ -69,6 +69,13 @@ def _stats_to_numpy(layer, names):
     return stats
 
 
+def _as_compute_dtype(layer, x):
+    """`x` in the layer's compute dtype: integer inputs become floats on
+    every backend (torch's einsum would not promote them), as Keras'
+    normalization layers do."""
+    return ops.cast(x, layer.compute_dtype)
+
+
 def _flat_tokens(x, d):
     return ops.reshape(x, (-1, d))
 
@@ -472,6 +479,7 @@ class MultiGateMoE(keras.layers.Layer):
         shape = ops.shape(inputs)
         check.token_input_shape(type(self).__name__, tuple(inputs.shape))
         _check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
+        inputs = _as_compute_dtype(self, inputs)
         tokens = _flat_tokens(inputs, shape[-1])
         if self.sparse:
             outputs, routing = self._sparse(tokens, training)
@@ -771,8 +779,9 @@ class CGC(keras.layers.Layer):
         if isinstance(inputs, (list, tuple)):
             shapes = [tuple(x.shape) for x in inputs]
             self._input_dim(shapes)  # validates
-            return list(inputs[:-1]), inputs[-1]
-        return None, inputs
+            inputs = [_as_compute_dtype(self, x) for x in inputs]
+            return inputs[:-1], inputs[-1]
+        return None, _as_compute_dtype(self, inputs)
 
     def call(self, inputs, training=None, return_routing=False):
         task_inputs, shared_input = self._split_inputs(inputs)

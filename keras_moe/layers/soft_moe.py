@@ -137,6 +137,9 @@ class SoftMoE(keras.layers.Layer):
 
     def call(self, inputs):
         shape = self._check_shape(inputs.shape)
+        # Integer inputs as floats on every backend (the dispatch weights
+        # are cast to the input dtype, and torch's einsum would not promote).
+        inputs = ops.cast(inputs, self.compute_dtype)
         e, s = self.num_experts, self.slots_per_expert
         logits = ops.cast(self.logits(inputs), "float32")
         dispatch = ops.cast(ops.softmax(logits, axis=1), inputs.dtype)

@@ -28,10 +28,12 @@ def compute_capacity(num_tokens, num_experts, k, capacity_factor):
     """Expert capacity `C = min(N, ceil(k * N / E * capacity_factor))`.
 
     The ratio `k * capacity_factor / E` is taken as an exact fraction `p / q`
-    (`capacity_factor` rounded to 1e-4), and `C = (N p + q - 1) // q` in
-    integer arithmetic, so the same formula serves a Python int, a dynamic
-    batch size tensor (TensorFlow graphs) and a symbolic dimension (JAX
-    shape-polymorphic export). For `N >= 1`, `C >= 1`.
+    (`capacity_factor` rounded to 1e-4, and at least 1e-4), and
+    `C = (N p + q - 1) // q` in integer arithmetic, so the same formula
+    serves a Python int, a dynamic batch size tensor (TensorFlow graphs) and
+    a symbolic dimension (JAX shape-polymorphic export). As `p >= 1`,
+    `C >= 1` for every `N >= 1` (a factor below 1e-4, e.g. 1e-5, would
+    otherwise round to 0 and give every expert 0 rows); `C = 0` for `N = 0`.
 
     Args:
         num_tokens: `N`: a Python int, a scalar integer tensor or a symbolic
@@ -46,9 +48,10 @@ def compute_capacity(num_tokens, num_experts, k, capacity_factor):
     """
     if capacity_factor is None:
         return num_tokens
-    ratio = Fraction(capacity_factor).limit_denominator(10_000) * Fraction(
-        k, num_experts
+    factor = max(
+        Fraction(capacity_factor).limit_denominator(10_000), Fraction(1, 10_000)
     )
+    ratio = factor * Fraction(k, num_experts)
     if ratio >= 1:
         return num_tokens
     p, q = ratio.numerator, ratio.denominator
@@ -183,6 +186,18 @@ def plan_from_positions(expert_index, position, num_experts, capacity, keep=None
     )
 
 
+def take_rows(table, index):
+    """`ops.take(table, index, axis=0)` for a `(rows, d)` table and an index
+    tensor of any shape `S`: `(*S, d)`.
+
+    Gathers with the flattened index and reshapes, because JAX's `take`
+    drops the index dimensions when `table` has no rows (an empty batch):
+    `(0, d)` at `(0, k)` gives `(0, d)` instead of `(0, k, d)`.
+    """
+    shape = tuple(ops.shape(index)) + (ops.shape(table)[-1],)
+    return ops.reshape(ops.take(table, ops.reshape(index, (-1,)), axis=0), shape)
+
+
 def _custom_gradient(forward, backward):
     """`forward(*xs) -> (y, residuals)` with the gradient rule
     `backward(residuals, dy) -> dxs`, as a `keras.ops.custom_gradient`
@@ -194,8 +209,11 @@ def _custom_gradient(forward, backward):
 
         def grad(*args, upstream=None):
             # The output gradient is positional on TensorFlow and JAX, and
-            # the `upstream` keyword on torch.
-            return backward(residuals, args[0] if upstream is None else upstream)
+            # the `upstream` keyword on torch. TensorFlow passes the gradient
+            # of a gather of the output (e.g. `take` of some tokens) as
+            # `IndexedSlices`, which a reshape makes dense.
+            upstream = args[0] if upstream is None else upstream
+            return backward(residuals, ops.reshape(upstream, ops.shape(y)))
 
         return y, grad
 
@@ -229,23 +247,27 @@ def dispatch(tokens, plan, custom_gradient=True):
     Returns:
         `(E, C, d)`: row `c` of expert `e` holds the token placed there, or
         zeros if the row is empty.
+
+    No value of one token reaches another token's buffer row or gradient,
+    NaN and Inf included: rows read from a stand-in token are replaced
+    (`where`), never multiplied by 0 (`NaN * 0 = NaN`).
     """
     num_tokens = plan["num_tokens"]
     slot_token = plan["slot_token"]
-    # The "empty" marker N is clamped to a real row and zeroed. (Padding
-    # `tokens` with a zero row instead makes XLA's compile time of the
-    # gradient explode on TensorFlow: minutes at N=1024.)
+    # The "empty" marker N is clamped to a real row and replaced by zeros.
+    # (Padding `tokens` with a zero row instead makes XLA's compile time of
+    # the gradient explode on TensorFlow: minutes at N=1024.)
     source = ops.minimum(slot_token, num_tokens - 1)
     filled = slot_token < num_tokens
     rows = plan["num_experts"] * plan["capacity"]
 
     def forward(tokens):
         buffers = ops.take(tokens, source, axis=0)
-        return buffers * ops.cast(filled, buffers.dtype)[:, None], None
+        return ops.where(filled[:, None], buffers, ops.zeros_like(buffers)), None
 
     def backward(_, upstream):
-        g = ops.take(upstream, ops.minimum(plan["slot"], rows - 1), axis=0)
-        g = g * ops.cast(plan["keep"], g.dtype)[..., None]  # (R, k, d)
+        g = take_rows(upstream, ops.minimum(plan["slot"], rows - 1))
+        g = ops.where(plan["keep"][..., None], g, ops.zeros_like(g))  # (R, k, d)
         # R = N T rows (T pseudo-tokens per token, token-major).
         g = ops.reshape(g, (num_tokens, -1, ops.shape(g)[-1]))
         return ops.sum(g, axis=1)
@@ -276,16 +298,21 @@ def combine(expert_outputs, plan, combine_weights, custom_gradient=True):
 
     Returns:
         `(N, o)`.
+
+    As in `dispatch`, rows gathered for a dropped pair or an empty buffer
+    row are replaced by zeros, never multiplied by 0, in the forward and the
+    backward pass: a NaN in one token's row stays in that token.
     """
     rows = plan["num_experts"] * plan["capacity"]
-    # Dropped pairs point at the trash slot E*C: clamp it to a real row and
-    # give it weight 0.
+    # Dropped pairs point at the trash slot E*C: clamp it to a real row, and
+    # replace what it reads by zeros.
     slot = ops.minimum(plan["slot"], rows - 1)
     keep = plan["keep"]
 
     def forward(expert_outputs, combine_weights):
         flat = ops.reshape(expert_outputs, (rows, ops.shape(expert_outputs)[-1]))
-        gathered = ops.take(flat, slot, axis=0)  # (N, k, o)
+        gathered = take_rows(flat, slot)  # (N, k, o)
+        gathered = ops.where(keep[..., None], gathered, ops.zeros_like(gathered))
         weights = ops.where(keep, ops.cast(combine_weights, gathered.dtype), 0.0)
         # A multiply and a sum over k, not einsum("nk,nko->no"): backends
         # lower that einsum to N tiny batched matmuls.
@@ -300,7 +327,9 @@ def combine(expert_outputs, plan, combine_weights, custom_gradient=True):
         pair = ops.minimum(plan["slot_pair"], num_pairs - 1)
         slot_weights = ops.where(held, ops.take(flat_weights, pair, axis=0), 0.0)
         token = ops.minimum(plan["slot_token"], plan["num_tokens"] - 1)
-        d_out = ops.take(upstream, token, axis=0) * slot_weights[:, None]
+        d_out = ops.take(upstream, token, axis=0)
+        d_out = ops.where(held[:, None], d_out, ops.zeros_like(d_out))
+        d_out = d_out * slot_weights[:, None]
         d_weights = ops.where(keep, ops.sum(gathered * upstream[:, None, :], -1), 0.0)
         return (
             ops.cast(ops.reshape(d_out, ops.shape(expert_outputs)), expert_outputs.dtype),

@@ -13,6 +13,13 @@ def top_k(x, k):
     2.21 cannot deserialize, which breaks `model.export()` of a JAX model;
     `argmax` lowers to a plain reduction that every runtime reads.
 
+    NaN entries rank as `-inf` (below every number), and the `k` indices of
+    a row are always distinct, whatever its values: a row of NaN or `-inf`
+    gets its first `k` positions. (Compared as they are, a NaN row
+    would make every round pick position 0 again, and the token would take
+    two slots of one expert.) The values are read from `x` unchanged, NaN
+    included.
+
     Args:
         x: `(..., E)` floating tensor.
         k: a Python int, `1 <= k <= E`.
@@ -23,12 +30,17 @@ def top_k(x, k):
     num = ops.shape(x)[-1]
     lowest = ops.convert_to_tensor(float("-inf"), dtype=x.dtype)
     values, indices = [], []
-    remaining = x
+    remaining = ops.where(ops.isnan(x), lowest, x)
+    available = ops.ones_like(remaining, dtype="bool")
     for _ in range(k):
-        # The first position holding the maximum: an argmax of an integer
-        # mask, because Keras' argmax of floats adds a negative-zero test
-        # (Bitcast ops that ONNX converters reject) on TensorFlow and JAX.
-        is_top = remaining == ops.max(remaining, axis=-1, keepdims=True)
+        # The first available position holding the maximum: an argmax of an
+        # integer mask, because Keras' argmax of floats adds a negative-zero
+        # test (Bitcast ops that ONNX converters reject) on TensorFlow and
+        # JAX. A taken position holds -inf, so it is tested out by
+        # `available` when the rest of the row is -inf too. `initial` lets
+        # the max reduce an empty batch (Keras raises on an empty input).
+        top = ops.max(remaining, axis=-1, keepdims=True, initial=float("-inf"))
+        is_top = ops.logical_and(available, remaining == top)
         index = ops.cast(ops.argmax(ops.cast(is_top, "int32"), axis=-1), "int32")
         # The value through a gather, so that its gradient goes to the chosen
         # entry alone (a max would share it among ties).
@@ -36,5 +48,6 @@ def top_k(x, k):
         indices.append(index[..., None])
         if len(indices) < k:
             taken = ops.one_hot(index, num, dtype="bool")
+            available = ops.logical_and(available, ops.logical_not(taken))
             remaining = ops.where(taken, lowest, remaining)
     return ops.concatenate(values, axis=-1), ops.concatenate(indices, axis=-1)

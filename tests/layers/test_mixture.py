@@ -5,6 +5,7 @@ import pytest
 from keras_moe.callbacks import RoutingMetrics
 from keras_moe.layers import MixtureOfExperts
 from keras_moe.testing import run_layer_test
+from tests.conftest import input_gradients
 
 
 def data(shape, seed=0):
@@ -411,3 +412,48 @@ def test_build_errors():
     moe(data((2, 5)))
     with pytest.raises(ValueError, match="as when the layer was built"):
         moe(data((2, 6)))
+
+
+# ------------------------------------------------- issue 22: robustness
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("integration", ["weighted_sum", "max", "attention"])
+def test_a_nan_example_reaches_no_other_example(integration, training):
+    """Issue 22: with a zero gate every example picks experts 0 and 1; with
+    C = 2 examples 0, 1 are kept and 2, 3 dropped, expert 2's rows empty.
+    Empty rows were filled from the NaN example and multiplied by 0, and a
+    dropped pair's output was read from a clamped row times 0."""
+    moe = MixtureOfExperts(
+        dense_experts(3), integration=integration, k=2,
+        gate=keras.layers.Dense(3, kernel_initializer="zeros"),
+        capacity_factor=0.75, eval_capacity_factor=0.75, load_balance_weight=0.0,
+    )
+    x, clean = np.ones((4, 5), "float32"), np.ones((4, 5), "float32")
+    x[3] = np.nan
+    y = keras.ops.convert_to_numpy(moe(x, training=training))
+    expected = keras.ops.convert_to_numpy(moe(clean, training=training))
+    np.testing.assert_array_equal(y[:3], expected[:3])
+    assert np.all(np.isfinite(y[:3])) and np.all(y[2] == 0)  # 2 is dropped
+    grads = input_gradients(moe, x, rows=[0, 1, 2], training=training)
+    clean_grads = input_gradients(moe, clean, rows=[0, 1, 2], training=training)
+    np.testing.assert_allclose(grads[:3], clean_grads[:3], rtol=1e-6, atol=1e-7)
+    assert np.abs(grads[:2]).max() > 0
+
+
+def test_sparse_mixture_empty_batch_gives_an_empty_output():
+    moe = MixtureOfExperts(dense_experts(3), integration="attention", k=2,
+                           eval_capacity_factor=1.0)
+    assert tuple(moe(np.zeros((0, 5), "float32")).shape) == (0, 3)
+    assert tuple(moe(data((4, 5))).shape) == (4, 3)
+
+
+def test_output_spec_has_the_experts_dtype():
+    """Issue 22: the symbolic output had the layer's compute dtype, the real
+    one the experts' dtype (here float32 experts in a bfloat16 layer)."""
+    experts = [keras.layers.Dense(3, dtype="float32") for _ in range(2)]
+    moe = MixtureOfExperts(experts, k=1, dtype="mixed_bfloat16")
+    symbolic = moe(keras.Input((5,)))
+    eager = moe(data((4, 5)))
+    dtypes = {keras.backend.standardize_dtype(y.dtype) for y in (symbolic, eager)}
+    assert dtypes == {"float32"}

@@ -4,7 +4,7 @@ import pytest
 
 from keras_moe.layers import SparseMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import xla_only
+from tests.conftest import input_gradients, xla_only
 from tests.layers.test_experts import numpy_experts
 
 
@@ -326,3 +326,66 @@ def test_shared_experts_add_a_dense_ffn_to_every_token():
     routed, _ = reference_moe(layer, x)
     shared = numpy_experts(layer.shared_experts, x.reshape(1, -1, 5)).reshape(2, 3, 5)
     np.testing.assert_allclose(y, routed + shared, atol=1e-5)
+
+
+# ------------------------------------------------- issue 22: robustness
+
+# One small layer shape for these tests: on JAX every new shape compiles
+# every op of an eager call anew (seconds per test).
+SMALL = dict(num_experts=2, hidden_dim=4, k=1, capacity_factor=1.0,
+             eval_capacity_factor=1.0, load_balance_weight=0.0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_nan_token_reaches_no_other_token(training):
+    """Issue 22: empty buffer rows were filled from the last token and
+    multiplied by 0, and a dropped pair read a clamped row times weight 0;
+    NaN * 0 = NaN. With a zero router every token picks expert 0 (ties go to
+    the lower index, the NaN token too), so with C = 2 tokens 0, 1 are kept
+    and 2, 3 dropped; expert 1's rows are empty."""
+    x, clean = np.ones((4, 2), "float32"), np.ones((4, 2), "float32")
+    x[3] = np.nan
+    moe = SparseMoE(**SMALL, router_kernel_initializer="zeros")
+    y = keras.ops.convert_to_numpy(moe(x, training=training))
+    np.testing.assert_array_equal(y[:3], keras.ops.convert_to_numpy(moe(clean))[:3])
+    assert np.all(np.isfinite(y[:3])) and np.all(y[2] == 0)  # 2 is dropped
+    # Gradients (the custom gather rules in training, autodiff otherwise)
+    # of a loss on the clean tokens: no NaN reaches their inputs.
+    grads = input_gradients(moe, x, rows=[0, 1, 2], training=training)
+    expected = input_gradients(moe, clean, rows=[0, 1, 2], training=training)
+    np.testing.assert_allclose(grads[:3], expected[:3], rtol=1e-6, atol=1e-7)
+    assert np.abs(grads[:2]).max() > 0
+
+
+def test_empty_batch_gives_an_empty_output():
+    """Issue 22: a batch of 0 crashed with a different error per backend."""
+    moe = SparseMoE(**dict(SMALL, k=2))
+    assert tuple(moe(np.zeros((0, 3, 2), "float32")).shape) == (0, 3, 2)
+    y, routing = moe(np.zeros((0, 2), "float32"), training=True, return_routing=True)
+    assert tuple(y.shape) == (0, 2)
+    assert tuple(routing["expert_index"].shape) == (0, 2)
+    assert tuple(moe(np.ones((4, 2), "float32")).shape) == (4, 2)  # still works
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_integer_inputs_are_cast_to_the_compute_dtype(dispatch):
+    """Issue 22: int32 inputs crashed on torch only (no einsum promotion)."""
+    x = np.arange(8, dtype="int32").reshape(4, 2) % 3
+    moe = SparseMoE(**SMALL, dispatch=dispatch)
+    y = moe(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(y),
+        keras.ops.convert_to_numpy(moe(x.astype("float32"))),
+    )
+
+
+def test_tiny_capacity_factor_keeps_one_row_per_expert():
+    """Issue 22: capacity_factor=1e-5 gave capacity 0 (obscure gather
+    errors); the capacity is at least 1."""
+    moe = SparseMoE(**dict(SMALL, capacity_factor=1e-5, eval_capacity_factor=1e-5))
+    for training in (False, True):
+        y, routing = moe(np.ones((4, 2), "float32"), training=training,
+                         return_routing=True)
+        assert int(keras.ops.convert_to_numpy(routing["capacity"])) == 1
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(y)))

@@ -13,7 +13,7 @@ from keras_moe.layers import (
     TopKRouter,
 )
 from keras_moe.testing import run_layer_test
-from tests.conftest import xla_only
+from tests.conftest import input_gradients, xla_only
 from tests.layers.test_experts import numpy_experts
 
 
@@ -593,3 +593,60 @@ def test_wrong_input_width_after_build():
         layer(tokens((3, 6)))
     with pytest.raises(ValueError, match="rank >= 2"):
         MultiGateMoE(2, 4, 8)(tokens((5,)))
+
+
+# ------------------------------------------------- issue 22: robustness
+
+# One small shape for these tests: on JAX every new shape compiles every op
+# of an eager call anew (seconds per test).
+SMALL_SPARSE = dict(num_tasks=2, num_experts=2, hidden_dim=4, k=1,
+                    capacity_factor=1.0, eval_capacity_factor=1.0,
+                    load_balance_weight=0.0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sparse_mmoe_a_nan_token_reaches_no_other_token(training):
+    """Issue 22: with zero gates every (token, task) pair picks expert 0;
+    C = 4 of the 8 pairs fit (tokens 0, 1), tokens 2, 3 are dropped and
+    expert 1's rows are empty. Empty rows were filled from the NaN token
+    and multiplied by 0, and dropped pairs read them with weight 0."""
+    mmoe = MultiGateMoE(**SMALL_SPARSE, gate_kernel_initializer="zeros")
+    x, clean = np.ones((4, 2), "float32"), np.ones((4, 2), "float32")
+    x[3] = np.nan
+    y = np.concatenate(to_numpy(mmoe(x, training=training)), axis=-1)
+    expected = np.concatenate(to_numpy(mmoe(clean, training=training)), axis=-1)
+    np.testing.assert_array_equal(y[:3], expected[:3])
+    assert np.all(np.isfinite(y[:3])) and np.all(y[2] == 0)  # 2 is dropped
+    grads = input_gradients(mmoe, x, rows=[0, 1, 2], training=training)
+    clean_grads = input_gradients(mmoe, clean, rows=[0, 1, 2], training=training)
+    np.testing.assert_allclose(grads[:3], clean_grads[:3], rtol=1e-6, atol=1e-7)
+    assert np.abs(grads[:2]).max() > 0
+
+
+def test_sparse_mmoe_empty_batch_gives_empty_outputs():
+    """Issue 22: a batch of 0 crashed the sparse gates."""
+    mmoe = MultiGateMoE(**SMALL_SPARSE)
+    for training in (False, True):
+        outputs = mmoe(np.zeros((0, 2), "float32"), training=training)
+        assert [tuple(y.shape) for y in outputs] == [(0, 2), (0, 2)]
+    assert tuple(mmoe(np.ones((4, 2), "float32"))[0].shape) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MultiGateMoE(2, 2, 4),
+        lambda: MultiGateMoE(**SMALL_SPARSE),
+        lambda: CGC(2, 1, 1, 4),
+        lambda: PLE(2, 1, 1, 2, hidden_dim=4),
+    ],
+    ids=["mmoe", "sparse-mmoe", "cgc", "ple"],
+)
+def test_integer_inputs_are_cast_to_the_compute_dtype(make):
+    """Issue 22: int32 inputs crashed on torch only (no einsum promotion)."""
+    x = np.arange(8, dtype="int32").reshape(4, 2) % 3
+    layer = make()
+    outputs = layer(x)
+    assert keras.backend.standardize_dtype(outputs[0].dtype) == "float32"
+    for a, b in zip(to_numpy(outputs), to_numpy(layer(x.astype("float32")))):
+        np.testing.assert_array_equal(a, b)

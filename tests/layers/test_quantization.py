@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 
 from keras_moe.compression import weight_bytes
-from keras_moe.layers import PLE, Experts, MultiGateMoE, SoftMoE, SparseMoE
+from keras_moe.layers import (
+    PLE,
+    BinaryHead,
+    BoxHead,
+    ClassificationHead,
+    Experts,
+    MixtureOfExperts,
+    MultiGateMoE,
+    RegressionHead,
+    SoftMoE,
+    SparseMoE,
+)
 from keras_moe.layers import experts as experts_module
 from tests.compression_helpers import ZEROS, randomize, to_numpy
 
@@ -273,3 +284,40 @@ def test_errors():
 def test_docstring_examples():
     result = doctest.testmod(experts_module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _dense_experts(num):
+    return [keras.layers.Dense(3, kernel_initializer=ZEROS) for _ in range(num)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RegressionHead(2, kernel_initializer=ZEROS),
+        lambda: ClassificationHead(3, hidden_units=[4], kernel_initializer=ZEROS),
+        lambda: BinaryHead(hidden_units=[4], kernel_initializer=ZEROS),
+        lambda: BoxHead(hidden_units=[4], kernel_initializer=ZEROS),
+        lambda: MixtureOfExperts(_dense_experts(3), integration="attention", k=2),
+        lambda: MixtureOfExperts(_dense_experts(2)),
+    ],
+    ids=["regression", "classification", "binary", "box", "sparse-mixture",
+         "dense-mixture"],
+)
+def test_quantized_heads_and_mixtures_save_and_load(make, tmp_path):
+    """Issue 22: a head's Dense layers (and a mixture's gate and attention
+    layers) are created from the owner's config, so they came back float
+    and loading failed ("Layer 'outputs' expected 2 variables, but received
+    3"). Their int8 policies are now in the owner's config."""
+    x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
+    inputs = keras.Input((8,))
+    model = randomize(keras.Model(inputs, make()(inputs)))
+    _quantize(model)
+    dense = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Dense)]
+    assert dense and all(l.quantization_mode == "int8" for l in dense)
+    outputs = model.predict(x, verbose=0)
+    path = str(tmp_path / "int8.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    revived = [l for l in reloaded._flatten_layers() if isinstance(l, keras.layers.Dense)]
+    assert [l.quantization_mode for l in revived] == ["int8"] * len(dense)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), outputs)

@@ -124,3 +124,20 @@ def test_bad_arguments(kwargs, match):
 def test_rank1_input():
     with pytest.raises(ValueError, match="rank >= 2"):
         TopKRouter(4)(np.ones((8,), "float32"))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_nan_and_inf_tokens_get_distinct_experts(k):
+    """Issue 22: a NaN token was routed to one expert twice
+    (`expert_index=[0, 0]`), taking two of its slots."""
+    x = np.random.default_rng(4).normal(size=(5, 6)).astype("float32")
+    x[1] = np.nan
+    x[3, 0] = np.inf
+    x[4, 2] = -np.inf
+    router = TopKRouter(4, k=k)
+    index = keras.ops.convert_to_numpy(router(x)["expert_index"])
+    for row in index:
+        assert len(set(row.tolist())) == k, index
+    # The finite tokens' routing is their own.
+    clean = keras.ops.convert_to_numpy(router(x[[0, 2]])["expert_index"])
+    np.testing.assert_array_equal(index[[0, 2]], clean)

@@ -109,3 +109,16 @@ def test_bad_arguments_and_inputs():
         SoftMoE(4, 8, slots_per_expert=0)
     with pytest.raises(ValueError, match=r"input_shape=\(4, 8\)"):
         SoftMoE(4, 8)(np.ones((4, 8), "float32"))
+
+
+def test_integer_inputs_are_cast_to_the_compute_dtype():
+    """Issue 22: int32 inputs crashed on torch; on TensorFlow and JAX the
+    dispatch weights were cast to int32 (all 0)."""
+    x = np.arange(24, dtype="int32").reshape(2, 3, 4) % 5
+    layer = SoftMoE(4, 8)
+    y = layer(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(y),
+        keras.ops.convert_to_numpy(layer(x.astype("float32"))),
+    )

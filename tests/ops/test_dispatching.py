@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_moe import ops as moe_ops
+from tests.conftest import input_gradients
 
 
 def numpy_plan(expert_index, num_experts, capacity, priority=None):
@@ -233,3 +234,88 @@ def test_gather_gradients_equal_autodiff(rows_per_token, capacity_factor):
     for gc, gp in zip(g_custom, g_plain):
         assert np.abs(gp).max() > 0
         np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- issue 22: robustness
+
+
+def test_capacity_is_at_least_one_row():
+    """Issue 22: capacity_factor=1e-5 rounded to 0 and gave C = 0 (obscure
+    gather errors). A factor below the 1e-4 resolution counts as 1e-4."""
+    for n in (1, 8, 1000):
+        assert moe_ops.compute_capacity(n, 4, 1, 1e-5) == 1
+        tensor = keras.ops.convert_to_tensor(n)
+        assert int(keras.ops.convert_to_numpy(moe_ops.compute_capacity(tensor, 4, 1, 1e-5))) == 1
+    assert moe_ops.compute_capacity(0, 4, 2, 1.25) == 0  # no tokens, no rows
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_indices_are_distinct_for_nan_and_inf(k):
+    """Issue 22: a NaN row gave index 0 in every round, so a NaN token took
+    two slots of one expert. NaN ranks as -inf."""
+    nan, inf = float("nan"), float("inf")
+    x = np.array(
+        [[nan] * 4, [-inf] * 4, [inf] * 4, [nan, 2.0, nan, 1.0],
+         [-inf, nan, 3.0, inf], [0.5, -inf, nan, 0.5]], "float32"
+    )
+    values, indices = moe_ops.top_k(x, k)
+    indices = keras.ops.convert_to_numpy(indices)
+    for row in indices:
+        assert len(set(row.tolist())) == k, indices
+    expected = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [1, 3, 0, 2],
+                [3, 2, 0, 1], [0, 3, 1, 2]]
+    np.testing.assert_array_equal(indices, np.array(expected)[:, :k])
+    # The values are read from x, NaN included.
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(values), np.take_along_axis(x, indices, axis=1)
+    )
+
+
+def test_top_k_of_an_empty_batch():
+    values, indices = moe_ops.top_k(np.zeros((0, 4), "float32"), 2)
+    assert tuple(values.shape) == tuple(indices.shape) == (0, 2)
+
+
+class _TanhExperts(keras.layers.Layer):
+    """dispatch -> tanh(buffers * scale) per expert -> combine, on a fixed
+    plan, with the custom gradient rules in training."""
+
+    def __init__(self, expert_index, capacity, weights):
+        super().__init__(name="tanh_experts")
+        self.expert_index, self.capacity = expert_index, capacity
+        self.combine_weights = weights
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(2, 1, input_shape[-1]), initializer="ones")
+
+    def call(self, x, training=None):
+        plan = moe_ops.make_dispatch_plan(self.expert_index, 2, self.capacity)
+        buffers = moe_ops.dispatch(x, plan, custom_gradient=bool(training))
+        outputs = keras.ops.tanh(buffers * self.scale)
+        return moe_ops.combine(
+            outputs, plan, self.combine_weights, custom_gradient=bool(training)
+        )
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_nan_token_reaches_no_other_token(training):
+    """Issue 22. C = 2: token 3 (NaN, with a NaN weight as a router gives
+    it) holds the last buffer row, expert 1's row 1; token 4 is dropped
+    from expert 0, and its pair points at the trash slot, clamped to that
+    last row. Multiplying by 0 there gave NaN in token 4's output and in its
+    gradient (through the NaN row's gradient)."""
+    expert_index = np.array([[1], [0], [0], [1], [0]], "int32")
+    weights = np.array([[0.5], [0.6], [0.7], [np.nan], [0.9]], "float32")
+    x = np.linspace(-1, 1, 15).reshape(5, 3).astype("float32")
+    clean = x.copy()
+    x[3] = np.nan
+    layer = _TanhExperts(expert_index, 2, weights)
+    y = keras.ops.convert_to_numpy(layer(x, training=training))
+    assert np.all(y[4] == 0) and np.all(np.isnan(y[3]))
+    np.testing.assert_array_equal(
+        y[[0, 1, 2]], keras.ops.convert_to_numpy(layer(clean))[[0, 1, 2]]
+    )
+    clean_rows = [0, 1, 2, 4]
+    grads = input_gradients(layer, x, rows=clean_rows, training=training)
+    assert np.all(np.isfinite(grads[clean_rows])), grads
+    assert np.all(grads[4] == 0) and np.abs(grads[:3]).min() > 0
