@@ -283,7 +283,7 @@ class Experts(keras.layers.Layer):
             outputs = outputs + self.bias_out[:, None, :]
         return outputs
 
-    def call_blocks(self, rows, block_expert):
+    def call_blocks(self, rows, block_expert, block_size):
         """Runs the experts on expert-sorted rows in blocks (dropless).
 
         `rows` `(R, d)` are `R / B` blocks of `B` consecutive rows, block
@@ -295,8 +295,9 @@ class Experts(keras.layers.Layer):
         `y[b] = act(x[b] W1[e_b] + b1[e_b]) W2[e_b] + b2[e_b]`
 
         Args:
-            rows: `(R, d)`, `R` a multiple of the number of blocks.
+            rows: `(R, d)`, `R` a multiple of `block_size`.
             block_expert: `(R / B,)` int32 expert of each block.
+            block_size: `B`, rows per block.
 
         Returns:
             `(R, o)`.
@@ -306,9 +307,8 @@ class Experts(keras.layers.Layer):
                 f"{self.name}: call_blocks needs float kernels; a quantised "
                 f"bank ({self.quantization_mode}) runs on (E, C, d) buffers."
             )
-        num_blocks = ops.shape(block_expert)[0]
         d = ops.shape(rows)[-1]
-        x = ops.reshape(rows, (num_blocks, -1, d))
+        x = ops.reshape(rows, (-1, block_size, d))
 
         def weights(variable):
             return gather_experts(variable, block_expert, self.num_experts)

@@ -323,7 +323,9 @@ class SparseMoE(keras.layers.Layer):
             rows = dropless_ops.block_dispatch(
                 tokens, plan, custom_gradient=bool(training)
             )
-            row_outputs = self.experts.call_blocks(rows, plan["block_expert"])
+            row_outputs = self.experts.call_blocks(
+                rows, plan["block_expert"], plan["block_size"]
+            )
             outputs = dropless_ops.block_combine(
                 row_outputs, plan, weights, custom_gradient=bool(training)
             )

@@ -17,6 +17,7 @@ from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
 from keras_moe.layers.routers import TopKRouter, default_router_initializer
 from keras_moe.ops import dispatching as dispatch_ops
+from keras_moe.ops import dropless as dropless_ops
 from keras_moe.ops import selection
 
 
@@ -352,7 +353,37 @@ class MultiGateMoE(keras.layers.Layer):
             stacked = ops.stack(values, axis=1)
             return ops.reshape(stacked, (-1,) + tuple(stacked.shape[2:]))
 
-        if joint:
+        blocks = (
+            capacity_factor is None
+            and not any("position" in r for r in routings)
+            and self.experts.quantization_mode is None
+        )
+        if blocks:
+            # Dropless: every pair gets one row of the expert-sorted blocks
+            # (keras_moe.ops.dropless), at the cost of the k T N pairs.
+            k = max(widths)
+
+            def padded(values, fill):
+                width = values.shape[-1]
+                if width == k:
+                    return values
+                return ops.pad(values, ((0, 0), (0, k - width)), constant_values=fill)
+
+            index = stack(
+                [padded(ops.cast(r["expert_index"], "int32"), 0) for r in routings]
+            )
+            valid = stack(
+                [
+                    padded(ops.ones_like(ops.cast(r["expert_index"], "int32")), 0) > 0
+                    for r in routings
+                ]
+            )
+            plan = dropless_ops.make_block_plan(
+                index, e, valid=valid, rows_per_token=t_count
+            )
+            plan["capacity"] = num_tokens * t_count
+            selected = None
+        elif joint:
             # All pairs compete for one capacity, token-major.
             k = widths[0]
             capacity = dispatch_ops.compute_capacity(
@@ -418,13 +449,24 @@ class MultiGateMoE(keras.layers.Layer):
             return w if width == k else ops.pad(w, ((0, 0), (0, k - width)))
 
         weights = stack([padded_weights(r) for r in routings])  # (N T, k)
-        real_plan = self._pseudo_token_plan(plan, num_tokens)
-        buffers = dispatch_ops.dispatch(
-            tokens, real_plan, custom_gradient=bool(training)
-        )
-        combined = dispatch_ops.combine(
-            self.experts(buffers), plan, weights, custom_gradient=bool(training)
-        )
+        if blocks:
+            rows = dropless_ops.block_dispatch(
+                tokens, plan, custom_gradient=bool(training)
+            )
+            row_outputs = self.experts.call_blocks(
+                rows, plan["block_expert"], plan["block_size"]
+            )
+            combined = dropless_ops.block_combine(
+                row_outputs, plan, weights, custom_gradient=bool(training)
+            )
+        else:
+            real_plan = self._pseudo_token_plan(plan, num_tokens)
+            buffers = dispatch_ops.dispatch(
+                tokens, real_plan, custom_gradient=bool(training)
+            )
+            combined = dispatch_ops.combine(
+                self.experts(buffers), plan, weights, custom_gradient=bool(training)
+            )
         outputs = ops.transpose(
             ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1])),
             (1, 0, 2),

@@ -37,16 +37,20 @@ References:
 
 from keras import ops
 
-from keras_moe.ops.dispatching import _custom_gradient
+from keras_moe.ops.dispatching import _custom_gradient, take_rows
 
 
 def row_budget(num_pairs, num_experts, block_size):
     """Static row budget `ceil((P + E (B - 1)) / B) B` for `P` pairs.
 
-    `P` may be a Python int or a scalar integer tensor (dynamic batch).
+    `P` may be a Python int or a scalar integer tensor (dynamic batch). No
+    pairs (an empty batch) need no rows.
     """
     extra = num_experts * (block_size - 1) + block_size - 1
-    return ((num_pairs + extra) // block_size) * block_size
+    budget = ((num_pairs + extra) // block_size) * block_size
+    if isinstance(num_pairs, int):
+        return budget if num_pairs > 0 else 0
+    return ops.where(num_pairs > 0, budget, 0)
 
 
 def default_block_size(num_pairs, num_experts):
@@ -201,13 +205,13 @@ def block_dispatch(tokens, plan, custom_gradient=True):
     source = ops.minimum(row_pair // group, num_tokens - 1)
 
     def forward(tokens):
-        rows = ops.take(tokens, source, axis=0)
+        rows = take_rows(tokens, source)
         return ops.where(filled[:, None], rows, ops.zeros_like(rows)), None
 
     def backward(_, upstream):
         pair_row = ops.reshape(plan["pair_row"], (-1,))
         held = pair_row < num_rows
-        g = ops.take(upstream, ops.minimum(pair_row, num_rows - 1), axis=0)
+        g = take_rows(upstream, ops.minimum(pair_row, num_rows - 1))
         g = ops.where(held[:, None], g, ops.zeros_like(g))
         g = ops.reshape(g, (num_tokens, group, ops.shape(g)[-1]))
         return ops.sum(g, axis=1)
@@ -232,7 +236,7 @@ def block_combine(row_outputs, plan, combine_weights, custom_gradient=True):
     index = ops.minimum(pair_row, num_rows - 1)
 
     def forward(row_outputs, combine_weights):
-        gathered = ops.take(row_outputs, index, axis=0)  # (R, k, o)
+        gathered = take_rows(row_outputs, index)  # (R, k, o)
         weights = ops.cast(combine_weights, gathered.dtype)
         mixed = ops.where(
             valid[..., None], weights[..., None] * gathered, ops.zeros_like(gathered)
@@ -245,7 +249,7 @@ def block_combine(row_outputs, plan, combine_weights, custom_gradient=True):
         row_pair = plan["row_pair"]
         held = row_pair < num_pairs
         pair = ops.minimum(row_pair, num_pairs - 1)
-        d_rows = ops.take(upstream, pair // k, axis=0) * ops.take(
+        d_rows = take_rows(upstream, pair // k) * ops.take(
             flat_weights, pair, axis=0
         )[:, None]
         d_rows = ops.where(held[:, None], d_rows, ops.zeros_like(d_rows))

@@ -176,7 +176,7 @@ class _BlockRoundTrip(keras.layers.Layer):
             rows_per_token=self.rows_per_token,
         )
         rows = moe_ops.block_dispatch(keras.ops.matmul(x, self.w), plan, self.custom)
-        outputs = self.experts.call_blocks(rows, plan["block_expert"])
+        outputs = self.experts.call_blocks(rows, plan["block_expert"], plan["block_size"])
         y = moe_ops.block_combine(outputs, plan, self.weights_, self.custom)
         return keras.ops.reshape(y, (n, -1))
 
@@ -270,3 +270,14 @@ def test_dropless_training_compiles_with_xla():
         keras.ops.convert_to_numpy(model(x)),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("name", ["SparseMoE", "MultiGateMoE"])
+def test_dropless_empty_batch(name):
+    """A batch of 0 gives an empty output (no rows, no blocks), in inference
+    and in training."""
+    layer = LAYERS[name]()
+    x = np.zeros((0, 5, 8), "float32")
+    for training in (False, True):
+        for y in keras.tree.flatten(layer(x, training=training)):
+            assert tuple(y.shape) == (0, 5, 8)
