@@ -56,19 +56,20 @@ def row_budget(num_pairs, num_experts, block_size):
 def default_block_size(num_pairs, num_experts):
     """The block size used when a layer is not given one.
 
-    Per weight matrix, the block matmuls cost `R d h` multiply-adds for the
-    `R <= P + E B` rows (`P = N k` pairs plus the padding), and gathering
-    each block's expert weights (a one-hot matmul, forward and backward)
-    costs `(R / B) E d h`: a fraction `E / B` of the matmuls. Forward plus
-    backward (three matmuls, two gathers), the cost is about
-    `(P + E B) (1 + 2 E / (3 B))`, smallest at `B = sqrt(2 P / 3)`, whatever
-    `E`. This returns that `B` rounded to a power of two in `[16, 256]`.
+    Larger blocks waste more rows (the budget has `E (B - 1)` rows of
+    padding on top of the `P = N k` pairs), smaller blocks materialise more
+    copies of the expert weights (`P / B` blocks of `d x h` each, written and
+    read forward and backward: memory traffic that on a CPU costs about
+    `32 / B` of the block matmuls' time). The sum of the two, `E B / P +
+    32 / B`, is smallest at `B = sqrt(32 P / E)`; this returns that rounded
+    to a power of two in `[16, 256]`. Measured on 2 CPU cores with
+    `N = 4096, k = 2` (benchmarks/moe_speed.py --block-sizes): the best `B`
+    was 128-256 at `E = 8` and 64-128 at `E = 64`, as the formula gives.
     An unknown `P` (a dynamic batch in a TensorFlow graph) gets 64.
     """
-    del num_experts  # the optimum does not depend on it (see above)
     if num_pairs is None or not isinstance(num_pairs, int):
         return 64
-    target = (2 * num_pairs / 3) ** 0.5
+    target = (32 * num_pairs / num_experts) ** 0.5
     block = 16
     while block < 256 and block * 1.5 < target:  # nearest power of two
         block *= 2

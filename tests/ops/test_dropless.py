@@ -81,9 +81,12 @@ def test_block_plan_invariants(case):
 
 
 def test_default_block_size_follows_the_cost_model():
-    """`B` near `sqrt(2 P / 3)`, a power of two in [16, 256]."""
-    for pairs, block in [(10, 16), (600, 16), (8192, 64), (32768, 128), (10**6, 256)]:
-        assert moe_ops.default_block_size(pairs, 8) == block
+    """`B` near `sqrt(32 P / E)`, a power of two in [16, 256]."""
+    for pairs, experts, block in [
+        (10, 4, 16), (8192, 8, 128), (8192, 64, 64), (32768, 8, 256),
+        (32768, 64, 128), (10**6, 8, 256),
+    ]:
+        assert moe_ops.default_block_size(pairs, experts) == block
     assert moe_ops.default_block_size(None, 8) == 64
 
 
