@@ -311,7 +311,9 @@ class Experts(keras.layers.Layer):
         x = ops.reshape(rows, (-1, block_size, d))
 
         def weights(variable):
-            return gather_experts(variable, block_expert, self.num_experts)
+            return gather_experts(
+                variable, block_expert, self.num_experts, block_size
+            )
 
         hidden = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_in))
         if self.use_bias:

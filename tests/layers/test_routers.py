@@ -35,7 +35,9 @@ def test_layer_contract():
     )
 
 
-@pytest.mark.parametrize("k,renormalize", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize(
+    "k,renormalize", [(1, True), (2, True), (3, False), (1, "always"), (2, "always")]
+)
 def test_matches_numpy(k, renormalize):
     x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32")
     router = TopKRouter(4, k=k, renormalize=renormalize, kernel_initializer="glorot_uniform")
@@ -45,13 +47,20 @@ def test_matches_numpy(k, renormalize):
     probs = numpy_softmax(logits)
     index = np.argsort(-probs, axis=-1)[..., :k]
     weights = np.take_along_axis(probs, index, axis=-1)
-    if renormalize and k > 1:
+    if renormalize == "always" or (renormalize and k > 1):
         weights = weights / weights.sum(-1, keepdims=True)
     got = {key: keras.ops.convert_to_numpy(v) for key, v in routing.items()}
     np.testing.assert_array_equal(got["expert_index"], index)
     np.testing.assert_allclose(got["combine_weights"], weights, atol=1e-6)
     np.testing.assert_allclose(got["probs"], probs, atol=1e-6)
     assert got["expert_index"].dtype == np.int32
+
+
+def test_renormalize_always_round_trips_and_bad_values_raise():
+    router = TopKRouter(4, k=1, renormalize="always")
+    assert TopKRouter.from_config(router.get_config()).renormalize == "always"
+    with pytest.raises(ValueError, match="renormalize=.yes."):
+        TopKRouter(4, k=1, renormalize="yes")
 
 
 def test_load_balancing_loss_by_hand():
