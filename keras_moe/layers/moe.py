@@ -320,14 +320,8 @@ class SparseMoE(keras.layers.Layer):
         routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
         weights = routing["combine_weights"]
         if isinstance(plan, dropless_ops.BlockPlan):
-            rows = dropless_ops.block_dispatch(
-                tokens, plan, custom_gradient=bool(training)
-            )
-            row_outputs = self.experts.call_blocks(
-                rows, plan["block_expert"], plan["block_size"]
-            )
-            outputs = dropless_ops.block_combine(
-                row_outputs, plan, weights, custom_gradient=bool(training)
+            outputs = dropless_ops.run_blocks(
+                tokens, plan, weights, self.experts.call_blocks, bool(training)
             )
         elif self.dispatch == "sparse":
             buffers = dispatch_ops.dispatch(

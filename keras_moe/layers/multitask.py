@@ -450,14 +450,8 @@ class MultiGateMoE(keras.layers.Layer):
 
         weights = stack([padded_weights(r) for r in routings])  # (N T, k)
         if blocks:
-            rows = dropless_ops.block_dispatch(
-                tokens, plan, custom_gradient=bool(training)
-            )
-            row_outputs = self.experts.call_blocks(
-                rows, plan["block_expert"], plan["block_size"]
-            )
-            combined = dropless_ops.block_combine(
-                row_outputs, plan, weights, custom_gradient=bool(training)
+            combined = dropless_ops.run_blocks(
+                tokens, plan, weights, self.experts.call_blocks, bool(training)
             )
         else:
             real_plan = self._pseudo_token_plan(plan, num_tokens)

@@ -24,6 +24,7 @@ from keras_moe.ops.dropless import (
     gather_experts,
     make_block_plan,
     row_budget,
+    run_blocks,
 )
 from keras_moe.ops.selection import top_k
 
@@ -36,6 +37,7 @@ __all__ = [
     "gather_experts",
     "make_block_plan",
     "row_budget",
+    "run_blocks",
     "combine",
     "cv_squared",
     "compute_capacity",

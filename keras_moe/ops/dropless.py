@@ -290,12 +290,21 @@ def gather_experts(values, block_expert, num_experts, block_size):
     return ops.reshape(gathered, (-1,) + shape[1:])
 
 
-__all__ = [
-    "BlockPlan",
-    "block_combine",
-    "block_dispatch",
-    "default_block_size",
-    "gather_experts",
-    "make_block_plan",
-    "row_budget",
-]
+def run_blocks(tokens, plan, combine_weights, experts, custom_gradient=True):
+    """The whole dropless flow: dispatch to rows, the experts on the blocks,
+    combine back. `(N, d)` -> `(R, o)` (`R = T N` rows of the plan).
+
+    Args:
+        tokens: `(N, d)`.
+        plan: the `BlockPlan` of the tokens' routing.
+        combine_weights: `(R, k)` router weights.
+        experts: a callable `(rows, block_expert, block_size) -> (rows', o)`,
+            e.g. `keras_moe.layers.Experts.call_blocks`.
+        custom_gradient: use the gather-only gradient rules (layers pass
+            `training`).
+    """
+    rows = block_dispatch(tokens, plan, custom_gradient=custom_gradient)
+    outputs = experts(rows, plan["block_expert"], plan["block_size"])
+    return block_combine(
+        outputs, plan, combine_weights, custom_gradient=custom_gradient
+    )
