@@ -174,6 +174,16 @@ def expert_parallel(device_mesh, expert_axis="expert", batch_axis=None, layout_m
     )
 
 
+def has_tensor_layout(layer, name):
+    """Whether the current distribution lays out the tensor `name` of
+    `layer` (see `constrain`), e.g. an expert-parallel `"expert_buffers"`."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return False
+    path = f"{layer.path or layer.name}/{name}"
+    return distribution.get_tensor_layout(path) is not None
+
+
 def constrain(tensor, layer, name):
     """Applies the current distribution's layout for the tensor `name` of
     `layer` (path `"<layer.path>/<name>"`, e.g. `"moe/expert_buffers"`), if

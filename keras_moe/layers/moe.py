@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from keras_moe.distribution import constrain
+from keras_moe.distribution import constrain, has_tensor_layout
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
@@ -242,12 +242,16 @@ class SparseMoE(keras.layers.Layer):
     def _uses_blocks(self, capacity_factor):
         """Dropless sparse calls run on expert-sorted blocks (a capacity of
         `N` rows per expert would cost what the dense dispatch costs), except
-        for routers that place tokens themselves and int8 banks."""
+        for routers that place tokens themselves, int8 banks, and expert
+        parallelism (a distribution that shards the `(E, C, d)` expert
+        buffers: blocks mix experts, so they would gather every expert's
+        weights onto every device)."""
         return (
             capacity_factor is None
             and self.dispatch == "sparse"
             and not getattr(self.router, "assigns_positions", False)
             and self.experts.quantization_mode is None
+            and not has_tensor_layout(self, "expert_buffers")
         )
 
     def _route(self, tokens, num_tokens, training, routing_inputs):

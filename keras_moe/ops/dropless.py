@@ -43,14 +43,17 @@ from keras_moe.ops.dispatching import _custom_gradient, take_rows
 def row_budget(num_pairs, num_experts, block_size):
     """Static row budget `ceil((P + E (B - 1)) / B) B` for `P` pairs.
 
-    `P` may be a Python int or a scalar integer tensor (dynamic batch). No
-    pairs (an empty batch) need no rows.
+    `P` may be a Python int, a scalar integer tensor (a dynamic batch in a
+    TensorFlow graph) or a symbolic dimension (JAX shape-polymorphic export,
+    whose dimensions are >= 1). No pairs (an empty batch) need no rows.
     """
     extra = num_experts * (block_size - 1) + block_size - 1
     budget = ((num_pairs + extra) // block_size) * block_size
+    if hasattr(num_pairs, "dtype"):  # a tensor
+        return ops.where(num_pairs > 0, budget, 0)
     if isinstance(num_pairs, int):
         return budget if num_pairs > 0 else 0
-    return ops.where(num_pairs > 0, budget, 0)
+    return budget  # a symbolic dimension: at least 1 pair
 
 
 def default_block_size(num_pairs, num_experts):
@@ -161,7 +164,7 @@ def make_block_plan(
         order,
     )[:num_rows]
 
-    block_start = ops.arange(0, num_rows, block_size, dtype="int32")
+    block_start = ops.arange(0, num_rows // block_size, dtype="int32") * block_size
     block_expert = ops.sum(
         ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1
     )
