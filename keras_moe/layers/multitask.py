@@ -77,6 +77,13 @@ def _as_compute_dtype(layer, x):
     return ops.cast(x, layer.compute_dtype)
 
 
+def _pad_choices(values, k):
+    """`(N, k')` per-choice values zero-padded to `(N, k)` (routers of
+    different widths in one plan)."""
+    width = values.shape[-1]
+    return values if width == k else ops.pad(values, ((0, 0), (0, k - width)))
+
+
 def _flat_tokens(x, d):
     return ops.reshape(x, (-1, d))
 
@@ -362,22 +369,9 @@ class MultiGateMoE(keras.layers.Layer):
             # Dropless: every pair gets one row of the expert-sorted blocks
             # (keras_moe.ops.dropless), at the cost of the k T N pairs.
             k = max(widths)
-
-            def padded(values, fill):
-                width = values.shape[-1]
-                if width == k:
-                    return values
-                return ops.pad(values, ((0, 0), (0, k - width)), constant_values=fill)
-
-            index = stack(
-                [padded(ops.cast(r["expert_index"], "int32"), 0) for r in routings]
-            )
-            valid = stack(
-                [
-                    padded(ops.ones_like(ops.cast(r["expert_index"], "int32")), 0) > 0
-                    for r in routings
-                ]
-            )
+            own = [ops.cast(r["expert_index"], "int32") for r in routings]
+            index = stack([_pad_choices(i, k) for i in own])
+            valid = stack([_pad_choices(ops.ones_like(i), k) > 0 for i in own])
             plan = dropless_ops.make_block_plan(
                 index, e, valid=valid, rows_per_token=t_count
             )
@@ -443,12 +437,9 @@ class MultiGateMoE(keras.layers.Layer):
             )
             selected = stack(chosen)
 
-        def padded_weights(routing):
-            w = routing["combine_weights"]
-            width = w.shape[-1]
-            return w if width == k else ops.pad(w, ((0, 0), (0, k - width)))
-
-        weights = stack([padded_weights(r) for r in routings])  # (N T, k)
+        weights = stack(  # (N T, k)
+            [_pad_choices(r["combine_weights"], k) for r in routings]
+        )
         if blocks:
             combined = dropless_ops.run_blocks(
                 tokens, plan, weights, self.experts.call_blocks, bool(training)
