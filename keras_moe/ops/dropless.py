@@ -22,9 +22,12 @@ instead of `E N`. No pair is ever dropped, so the result equals the dense
 reference (`SparseMoE(dispatch="dense")`) and does not depend on the rest
 of the batch.
 
-Gradients are gathers only (custom rules, as in `dispatching`): a row's
-gradient goes back to its token through the plan, never through the
-scatter-add that autodiff makes of a gather (a serial loop on XLA CPU).
+The token and row gradients are gathers only (custom rules, as in
+`dispatching`): a row's gradient goes back to its token through the plan,
+never through the scatter-add that autodiff makes of a gather (a serial loop
+on XLA CPU). The expert weights' gradients are autodiff's: the transposed
+one-hot matmul, or with many experts the scatter-add of `take` over the
+blocks (see `gather_experts`).
 
 Isolation: empty rows are selected to zero (`where`, not a multiply), and
 a token reads back only its own rows, so a NaN or Inf in one token never
