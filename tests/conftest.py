@@ -72,6 +72,13 @@ class _InputProbe(keras.layers.Layer):
         return keras.ops.take(y, self.rows, axis=0)[None]
 
 
+def copy_weights(source, target):
+    """Assigns `source`'s weights to `target`'s, as copies (JAX donates the
+    buffers of the weights in `fit`, so sharing one would delete it)."""
+    for a, b in zip(source.weights, target.weights):
+        b.assign(keras.ops.convert_to_numpy(a).copy())
+
+
 def input_gradients(layer, x, rows, training=True):
     """The gradient of `sum(layer(x)[rows])` (plus the layer's own losses)
     with respect to every row of `x`, the `N` tokens or examples `(N, ...)`

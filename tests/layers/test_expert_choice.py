@@ -7,6 +7,7 @@ import pytest
 from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
+from tests.conftest import copy_weights
 
 
 def tokens(shape, seed=0):
@@ -20,11 +21,6 @@ def to_numpy(tree):
 def numpy_softmax(x):
     z = np.exp(x - x.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
-
-
-def copy_weights(src, dst):
-    for a, b in zip(src.weights, dst.weights):
-        b.assign(np.array(a.numpy()))  # a copy: JAX donates buffers in fit
 
 
 def test_layer_contract():

@@ -4,17 +4,12 @@ import pytest
 
 from keras_moe.layers import SparseMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import input_gradients, xla_only
+from tests.conftest import copy_weights, input_gradients, xla_only
 from tests.layers.test_experts import numpy_experts
 
 
 def tokens(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
-
-
-def copy_weights(src, dst):
-    for a, b in zip(src.weights, dst.weights):
-        b.assign(np.array(a.numpy()))  # a copy: JAX donates buffers in fit
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
@@ -29,6 +24,7 @@ def test_layer_contract(dispatch):
             capacity_factor=1.5,
             eval_capacity_factor=None,
             dispatch=dispatch,
+            block_size=4,
             activation="silu",
             gated=True,
             use_bias=False,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from keras_moe import ops as moe_ops
 from keras_moe.layers import MixtureOfExperts, MultiGateMoE, SparseMoE
-from tests.conftest import xla_only
+from tests.conftest import copy_weights, xla_only
 
 
 def to_numpy(plan):
@@ -88,11 +88,6 @@ def test_default_block_size_follows_the_cost_model():
     ]:
         assert moe_ops.default_block_size(pairs, experts) == block
     assert moe_ops.default_block_size(None, 8) == 64
-
-
-def copy_weights(source, target):
-    for s, t in zip(source.weights, target.weights):
-        t.assign(keras.ops.convert_to_numpy(s))  # a copy: JAX donates buffers
 
 
 def input_gradient_model(layer, n, d):
