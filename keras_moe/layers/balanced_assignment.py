@@ -8,7 +8,7 @@ from keras_moe.layers.routers import default_router_initializer, routing_output_
 from keras_moe.ops import dispatching
 
 
-def sinkhorn_log_plan(affinities, num_iterations, temperature):
+def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
     """Log of an entropic balanced transport plan between tokens and experts.
 
     On standardised affinities `A = (a - mean(a)) / std(a)` (so that
@@ -26,20 +26,35 @@ def sinkhorn_log_plan(affinities, num_iterations, temperature):
         `(N, E)` log-plan.
     """
     a = ops.cast(affinities, "float32")
-    a = (a - ops.mean(a)) / (ops.std(a) + 1e-6)
-    log_plan = a / temperature
     shape = ops.shape(a)
-    log_share = ops.log(
-        ops.cast(shape[0], "float32") / ops.cast(shape[1], "float32")
-    )
+    if mask is None:
+        a = (a - ops.mean(a)) / (ops.std(a) + 1e-6)
+        count = ops.cast(shape[0], "float32")
+    else:
+        # Masked tokens (padding) are left out of the statistics and the
+        # transport: their rows are held at a log-mass of -1e9 (exp: 0).
+        keep = ops.reshape(ops.cast(mask, "bool"), (-1, 1))
+        a = ops.where(keep, a, 0.0)
+        count = ops.sum(ops.cast(keep, "float32"))
+        entries = ops.maximum(count * ops.cast(shape[1], "float32"), 1.0)
+        mean = ops.sum(a) / entries
+        var = ops.sum(ops.where(keep, ops.square(a - mean), 0.0)) / entries
+        a = (a - mean) / (ops.sqrt(var) + 1e-6)
+    log_plan = a / temperature
+    log_share = ops.log(ops.maximum(count, 1.0) / ops.cast(shape[1], "float32"))
+
+    def masked(log_plan):
+        return log_plan if mask is None else ops.where(keep, log_plan, -1e9)
+
+    log_plan = masked(log_plan)
     for _ in range(num_iterations):
-        log_plan = log_plan - ops.logsumexp(log_plan, axis=1, keepdims=True)
+        log_plan = masked(log_plan - ops.logsumexp(log_plan, axis=1, keepdims=True))
         log_plan = log_plan - ops.logsumexp(log_plan, axis=0, keepdims=True)
-        log_plan = log_plan + log_share
+        log_plan = masked(log_plan + log_share)
     return log_plan
 
 
-def capacity_constrained_assignment(scores, capacity, max_rounds):
+def capacity_constrained_assignment(scores, capacity, max_rounds, mask=None):
     """Assigns every token one expert, no expert more than `capacity` tokens.
 
     In rounds: every unassigned token proposes to its highest-scoring expert
@@ -89,7 +104,11 @@ def capacity_constrained_assignment(scores, capacity, max_rounds):
         body,
         (
             ops.convert_to_tensor(0, dtype="int32"),
-            ops.full((num_tokens,), -1, dtype="int32"),
+            # A masked token starts "assigned" to expert 0: it never
+            # proposes and takes no room.
+            ops.full((num_tokens,), -1, dtype="int32")
+            if mask is None
+            else ops.where(ops.reshape(ops.cast(mask, "bool"), (-1,)), -1, 0),
             ops.zeros((num_experts,), dtype="int32"),
         ),
     )
@@ -149,6 +168,9 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         inputs: `(..., d)` tokens; all `N` positions of the call are assigned
             together.
         training: balanced assignment (True) or greedy argmax.
+        mask: optional bool, `inputs.shape[:-1]` or `(N,)`: tokens that
+            count; the balanced assignment is over those only (masked
+            tokens get expert 0 and take no room).
 
     Returns:
         A dict with `expert_index` `(..., 1)` int32, `combine_weights`
@@ -180,6 +202,7 @@ class BalancedAssignmentRouter(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = 1
         self.num_iterations = check.non_negative_int("num_iterations", num_iterations)
@@ -203,21 +226,31 @@ class BalancedAssignmentRouter(keras.layers.Layer):
             initializer=self.kernel_initializer,
         )
 
-    def balanced_assignment(self, affinities):
-        """`(N, E)` affinities -> `(N,)` int32 balanced experts."""
+    def balanced_assignment(self, affinities, mask=None):
+        """`(N, E)` affinities -> `(N,)` int32 balanced experts; with a
+        `mask` `(N,)`, over the tokens it keeps (the others get expert 0)."""
         num_tokens = ops.shape(affinities)[0]
+        if mask is not None:
+            num_tokens = ops.sum(ops.cast(mask, "int32"))
         log_plan = sinkhorn_log_plan(
-            ops.stop_gradient(affinities), self.num_iterations, self.temperature
+            ops.stop_gradient(affinities),
+            self.num_iterations,
+            self.temperature,
+            mask=mask,
         )
         capacity = dispatching.compute_capacity(num_tokens, self.num_experts, 1, 1.0)
-        return capacity_constrained_assignment(log_plan, capacity, self.num_experts)
+        return capacity_constrained_assignment(
+            log_plan, capacity, self.num_experts, mask=mask
+        )
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
         shape = ops.shape(inputs)
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         affinities = ops.matmul(tokens, self.kernel)  # (N, E)
         if training:
-            expert = self.balanced_assignment(affinities)
+            if mask is not None:
+                mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
+            expert = self.balanced_assignment(affinities, mask=mask)
         else:
             expert = ops.cast(ops.argmax(affinities, axis=-1), "int32")
         expert_index = expert[:, None]
@@ -242,7 +275,10 @@ class BalancedAssignmentRouter(keras.layers.Layer):
             "logits": lead + (self.num_experts,),
         }
 
-    def compute_output_spec(self, inputs, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
         return routing_output_spec(
             self.compute_output_shape(inputs.shape), self.compute_dtype
         )

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_moe.layers import _validation as check
 from keras_moe.layers.routers import routing_output_spec
-from keras_moe.ops import selection
+from keras_moe.ops import balancing, selection
 
 
 def smooth_step(t, gamma):
@@ -77,6 +77,8 @@ class DSelectKRouter(keras.layers.Layer):
     Call arguments:
         inputs: `(..., d)` tokens.
         training: whether to add the entropy loss.
+        mask: optional bool, one per token: tokens that count in the
+            entropy loss.
 
     Returns:
         A dict with `expert_index` `(..., k)` int32, `combine_weights`
@@ -113,6 +115,7 @@ class DSelectKRouter(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = check.k_for_experts(k, self.num_experts)
         if (
@@ -173,7 +176,7 @@ class DSelectKRouter(keras.layers.Layer):
         else:
             self.code_bias = self.selector_bias = None
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
         x = ops.cast(inputs, self.compute_dtype)
         lead = tuple(ops.shape(x)[:-1])
         z = ops.matmul(x, self.code_kernel)
@@ -201,7 +204,10 @@ class DSelectKRouter(keras.layers.Layer):
             positive, r * ops.log(ops.where(positive, r, ops.ones_like(r))), 0.0
         )
         entropy = -ops.sum(r_log_r, axis=(-2, -1))
-        entropy_loss = ops.mean(ops.reshape(entropy, (-1,)))
+        entropy_loss = balancing.masked_mean(
+            ops.reshape(entropy, (-1,)),
+            None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,)),
+        )
         if training and self.entropy_weight:
             self.add_loss(self.entropy_weight * entropy_loss)
         return {
@@ -225,7 +231,10 @@ class DSelectKRouter(keras.layers.Layer):
             "entropy_loss": (),
         }
 
-    def compute_output_spec(self, inputs, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)
 

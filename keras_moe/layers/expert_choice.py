@@ -66,6 +66,9 @@ class ExpertChoiceRouter(keras.layers.Layer):
         training: whether to add the z-loss.
         capacity: `C`, tokens per expert: a Python int or a scalar integer
             tensor, `1 <= C <= N`. Default `ceil(k N / E)` (at most `N`).
+        mask: optional bool, `inputs.shape[:-1]` or `(N,)`: tokens that
+            count. Experts never choose a masked token (and the default `C`
+            counts only the others); the z-loss skips them.
 
     Returns:
         A dict with `expert_index` `(..., E)` int32, `combine_weights`
@@ -100,6 +103,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = check.k_for_experts(k, self.num_experts)
         self.use_bias = bool(use_bias)
@@ -130,13 +134,17 @@ class ExpertChoiceRouter(keras.layers.Layer):
         """`C = min(N, ceil(k N / E))`."""
         return dispatching.compute_capacity(num_tokens, self.num_experts, self.k, 1.0)
 
-    def call(self, inputs, training=None, capacity=None):
+    def call(self, inputs, training=None, capacity=None, mask=None):
         e = self.num_experts
         shape = ops.shape(inputs)
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         num_tokens = ops.shape(tokens)[0]
+        if mask is not None:
+            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
         if capacity is None:
-            capacity = self.default_capacity(num_tokens)
+            capacity = self.default_capacity(
+                num_tokens if mask is None else ops.sum(ops.cast(mask, "int32"))
+            )
 
         logits = ops.matmul(tokens, self.kernel)
         if self.use_bias:
@@ -147,17 +155,22 @@ class ExpertChoiceRouter(keras.layers.Layer):
         # is the token at rank i; `rank[e, n]`, the inverse permutation, is
         # token n's rank (a second argsort, so that `C` may be a tensor and
         # no shape depends on it).
-        by_expert = ops.transpose(ops.stop_gradient(scores))  # (E, N)
+        ranked = ops.stop_gradient(scores)
+        if mask is not None:  # masked tokens rank last (scores are >= 0)
+            ranked = ops.where(mask[:, None], ranked, -1.0)
+        by_expert = ops.transpose(ranked)  # (E, N)
         order = ops.argsort(-by_expert, axis=-1)
         rank = ops.argsort(order, axis=-1)
         position = ops.cast(ops.transpose(rank), "int32")  # (N, E)
         keep = position < ops.cast(capacity, "int32")
+        if mask is not None:
+            keep = ops.logical_and(keep, mask[:, None])
         combine_weights = ops.where(keep, scores, ops.zeros_like(scores))
         expert_index = ops.broadcast_to(
             ops.arange(0, e, dtype="int32")[None, :], ops.shape(position)
         )
 
-        z_loss = balancing.router_z_loss(logits)
+        z_loss = balancing.router_z_loss(logits, mask=mask)
         if training and self.z_loss_weight:
             self.add_loss(self.z_loss_weight * z_loss)
 
@@ -191,7 +204,10 @@ class ExpertChoiceRouter(keras.layers.Layer):
             "z_loss": (),
         }
 
-    def compute_output_spec(self, inputs, training=None, capacity=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(self, inputs, training=None, capacity=None, mask=None):
         return routing_output_spec(
             self.compute_output_shape(inputs.shape), self.compute_dtype
         )

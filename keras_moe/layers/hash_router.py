@@ -80,6 +80,7 @@ class HashRouter(keras.layers.Layer):
         inputs: `(..., d)` tokens.
         routing_inputs: `(...)` integer ids, one per token (int32 range).
         training: unused (routing is the same in training and inference).
+        mask: accepted for the router contract; unused (no loss to mask).
 
     Returns:
         A dict with `expert_index` `(..., k)` int32, `combine_weights`
@@ -105,6 +106,7 @@ class HashRouter(keras.layers.Layer):
     def __init__(self, num_experts, k=1, vocab_size=None, seed=0, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = check.k_for_experts(k, self.num_experts)
         self.vocab_size = (
@@ -154,7 +156,7 @@ class HashRouter(keras.layers.Layer):
         _, index = selection.top_k(ops.cast(score, "float32"), self.k)
         return index
 
-    def call(self, inputs, routing_inputs=None, training=None):
+    def call(self, inputs, routing_inputs=None, training=None, mask=None):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         ids = _routing_ids.as_int32(routing_inputs)
         if self.table is not None:
@@ -194,7 +196,12 @@ class HashRouter(keras.layers.Layer):
             "load_balance_loss": (),
         }
 
-    def compute_output_spec(self, inputs, routing_inputs=None, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(
+        self, inputs, routing_inputs=None, training=None, mask=None
+    ):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)

@@ -10,7 +10,10 @@ plug into the same dispatch:
 - `call(tokens, training=None)` on `(N, d)` tokens, plus a
   `routing_inputs=` argument for routers that route on ids (one per token),
   plus a `capacity=` argument if the class attribute `assigns_positions` is
-  `True`.
+  `True`, plus an optional `mask=` argument, `(N,)` bool: the tokens that
+  count (padding is False). A router that takes it leaves masked tokens out
+  of its losses, statistics and, if it places tokens itself, its choices;
+  the layer drops masked tokens' pairs in any case.
 - It returns a dict with at least `expert_index` `(N, k')` int32,
   `combine_weights` `(N, k')` and `probs` `(N, E)` (the router's
   distribution, used for statistics); optionally `priority` `(N,)` (tokens
@@ -21,6 +24,8 @@ plug into the same dispatch:
 - It adds its weighted auxiliary losses itself with `add_loss` in training.
 """
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -29,6 +34,11 @@ from keras_moe.ops import balancing, dispatching, selection
 
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
+
+
+def accepts_mask(router):
+    """Whether a router's `call` takes the `mask=` argument."""
+    return "mask" in inspect.signature(router.call).parameters
 
 
 def routing_output_spec(shapes, float_dtype):
@@ -116,6 +126,9 @@ class TopKRouter(keras.layers.Layer):
     Call arguments:
         inputs: `(..., d)` tokens.
         training: whether to add noise, losses and bias updates.
+        mask: optional bool, `inputs.shape[:-1]` or `(N,)`: tokens that
+            count. Masked tokens (padding) are still routed (the layer
+            drops their pairs) but add nothing to any loss or bias update.
 
     Returns:
         A dict with `expert_index` `(..., k)` int32, `combine_weights`
@@ -164,6 +177,7 @@ class TopKRouter(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.k = check.k_for_experts(k, self.num_experts)
         self.score_function = check.one_of(
@@ -247,7 +261,7 @@ class TopKRouter(keras.layers.Layer):
         )
         return logits, logits + noise * noise_std, noise_std
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
         clean, noisy, noise_std = self.compute_logits(inputs, training=training)
         logits = clean if noisy is None else noisy
         if self.score_function == "softmax":
@@ -274,12 +288,17 @@ class TopKRouter(keras.layers.Layer):
         gates = dispatching.choice_matrix(
             ops.reshape(top, (-1, self.k)), flat_index, e
         )
+        if mask is not None:  # padding adds nothing to a loss
+            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
+            gates = ops.where(mask[:, None], gates, ops.zeros_like(gates))
         losses = {
             "load_balance_loss": balancing.load_balancing_loss(
-                flat_probs, flat_index, e
+                flat_probs, flat_index, e, mask=mask
             ),
             "importance_loss": balancing.cv_squared(ops.sum(gates, axis=0)),
-            "z_loss": balancing.router_z_loss(ops.reshape(logits, (-1, e))),
+            "z_loss": balancing.router_z_loss(
+                ops.reshape(logits, (-1, e)), mask=mask
+            ),
         }
         if noisy is not None:
             losses["load_loss"] = balancing.cv_squared(
@@ -288,6 +307,7 @@ class TopKRouter(keras.layers.Layer):
                     ops.reshape(noisy, (-1, e)),
                     ops.reshape(noise_std, (-1, e)),
                     self.k,
+                    mask=mask,
                 )
             )
         if training:
@@ -300,7 +320,12 @@ class TopKRouter(keras.layers.Layer):
                 if weight and name in losses:
                     self.add_loss(weight * losses[name])
             if self.selection_bias is not None:
-                load = ops.mean(ops.one_hot(flat_index, e, dtype="float32"), axis=(0, 1))
+                load = ops.mean(
+                    balancing.masked_mean(
+                        ops.one_hot(flat_index, e, dtype="float32"), mask
+                    ),
+                    axis=0,
+                )
                 step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
                 self.selection_bias.assign(self.selection_bias + step)
         routing = {
@@ -330,7 +355,10 @@ class TopKRouter(keras.layers.Layer):
             shapes["priority"] = lead
         return shapes
 
-    def compute_output_spec(self, inputs, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
         shapes = self.compute_output_shape(inputs.shape)
         if self.noisy_gating and training:
             shapes["load_loss"] = ()

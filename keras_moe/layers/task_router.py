@@ -52,6 +52,8 @@ class TaskRouter(keras.layers.Layer):
         inputs: `(..., d)` tokens (only their shape is used).
         routing_inputs: `(...)` integer task ids, one per token.
         training: whether to add the loss.
+        mask: optional bool, one per token: tokens that count in the
+            load-balancing loss.
 
     Returns:
         A dict with `expert_index` `(..., k)` int32, `combine_weights`
@@ -85,6 +87,7 @@ class TaskRouter(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.num_tasks = check.positive_int("num_tasks", num_tasks)
         self.k = check.k_for_experts(k, self.num_experts)
@@ -126,7 +129,7 @@ class TaskRouter(keras.layers.Layer):
                 f"num_tasks={self.num_tasks}"
             )
 
-    def call(self, inputs, routing_inputs=None, training=None):
+    def call(self, inputs, routing_inputs=None, training=None, mask=None):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         ids = _routing_ids.as_int32(routing_inputs)
         self._check_task_ids(ids)
@@ -150,6 +153,7 @@ class TaskRouter(keras.layers.Layer):
             ops.reshape(token_probs, (-1, self.num_experts)),
             ops.reshape(expert_index, (-1, self.k)),
             self.num_experts,
+            mask=mask,
         )
         if training and self.load_balance_weight:
             self.add_loss(self.load_balance_weight * balance)
@@ -194,7 +198,12 @@ class TaskRouter(keras.layers.Layer):
             "load_balance_loss": (),
         }
 
-    def compute_output_spec(self, inputs, routing_inputs=None, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        return None  # the routing dict carries no Keras mask
+
+    def compute_output_spec(
+        self, inputs, routing_inputs=None, training=None, mask=None
+    ):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)

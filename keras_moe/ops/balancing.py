@@ -10,7 +10,37 @@ from keras import ops
 from keras_moe.ops import selection
 
 
-def load_balancing_loss(probs, expert_index, num_experts):
+def token_weights(mask):
+    """`(N,)` float32 weights of the tokens a `mask` keeps (1) and drops (0),
+    or `None` for no mask. `mask`: any shape with `N` elements, bool or
+    numeric (nonzero keeps)."""
+    if mask is None:
+        return None
+    mask = ops.reshape(ops.convert_to_tensor(mask), (-1,))
+    if mask.dtype != "bool":
+        mask = ops.not_equal(mask, 0)
+    return ops.cast(mask, "float32")
+
+
+def masked_mean(values, mask=None):
+    """Mean over the leading axis of `values` `(N, ...)`, over the tokens
+    of `mask` `(N,)` only (all of them for `None`; 0 if there is none).
+
+    A dropped token's row is replaced by zeros before the sum, never
+    multiplied by 0: a NaN in a padded or masked token stays out.
+    """
+    values = ops.convert_to_tensor(values)
+    weights = token_weights(mask)
+    if weights is None:  # an empty batch gives 0, not NaN
+        count = ops.maximum(ops.shape(values)[0], 1)
+        return ops.sum(values, axis=0) / ops.cast(count, values.dtype)
+    shape = (-1,) + (1,) * (len(values.shape) - 1)
+    keep = ops.reshape(weights > 0, shape)
+    total = ops.sum(ops.where(keep, values, ops.zeros_like(values)), axis=0)
+    return total / ops.cast(ops.maximum(ops.sum(weights), 1.0), values.dtype)
+
+
+def load_balancing_loss(probs, expert_index, num_experts, mask=None):
     """Switch Transformer load-balancing loss, generalised to top-k.
 
     `L = E * sum_e f_e * P_e`, where `f_e` is the fraction of the `N k`
@@ -23,6 +53,8 @@ def load_balancing_loss(probs, expert_index, num_experts):
         probs: `(N, E)` router probabilities (taken before top-k).
         expert_index: `(N, k)` chosen experts.
         num_experts: `E`.
+        mask: optional `(N,)` bool: the tokens that count (e.g. not
+            padding); `f` and `P` are means over them only.
 
     Returns:
         A float32 scalar.
@@ -33,22 +65,23 @@ def load_balancing_loss(probs, expert_index, num_experts):
     """
     probs = ops.cast(probs, "float32")
     one_hot = ops.one_hot(expert_index, num_experts, dtype="float32")
-    fraction = ops.mean(ops.sum(one_hot, axis=1), axis=0)
+    fraction = masked_mean(ops.sum(one_hot, axis=1), mask)
     fraction = fraction / ops.cast(ops.shape(expert_index)[1], "float32")
-    mean_prob = ops.mean(probs, axis=0)
+    mean_prob = masked_mean(probs, mask)
     return num_experts * ops.sum(ops.stop_gradient(fraction) * mean_prob)
 
 
-def router_z_loss(logits):
+def router_z_loss(logits, mask=None):
     """ST-MoE router z-loss `mean_n (logsumexp_e logits[n, e])^2`.
 
     Keeps router logits small, which keeps the softmax numerically stable.
+    With a `mask` `(N,)`, the mean is over the tokens it keeps.
 
     References:
         Zoph et al. ST-MoE (2022), eq. 5.
     """
     z = ops.logsumexp(ops.cast(logits, "float32"), axis=-1)
-    return ops.mean(ops.square(z))
+    return masked_mean(ops.square(z), mask)
 
 
 def cv_squared(values):
@@ -62,7 +95,7 @@ def cv_squared(values):
     return ops.var(values) / (ops.square(mean) + 1e-10)
 
 
-def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k):
+def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k, mask=None):
     """Smooth per-expert load estimate of noisy top-k gating.
 
     `load_e = sum_n P(n, e)`, where `P(n, e) = Phi((clean_ne - t_ne) /
@@ -74,6 +107,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k):
     Args:
         clean_logits, noisy_logits, noise_std: `(N, E)`.
         k: experts per token.
+        mask: optional `(N,)` bool: the tokens that count.
 
     Returns:
         `(E,)` float32.
@@ -85,13 +119,20 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k):
     noisy_logits = ops.convert_to_tensor(noisy_logits)
     noise_std = ops.convert_to_tensor(noise_std)
     num_experts = ops.shape(clean_logits)[-1]
+    weights = token_weights(mask)
+    keep = None if weights is None else (weights > 0)[:, None]
     if k >= num_experts:  # every expert is always chosen
-        return ops.cast(ops.sum(ops.ones_like(clean_logits), axis=0), "float32")
+        ones = ops.ones_like(clean_logits, dtype="float32")
+        if keep is not None:
+            ones = ops.where(keep, ones, 0.0)
+        return ops.sum(ones, axis=0)
     top, _ = selection.top_k(noisy_logits, k + 1)
     kth = top[:, k - 1 : k]  # k-th largest: threshold for experts outside
     next_ = top[:, k : k + 1]  # (k+1)-th: threshold for experts inside
     inside = noisy_logits >= kth
     threshold = ops.where(inside, next_, kth)
     z = (clean_logits - threshold) / noise_std
-    prob_in = 0.5 * (1.0 + ops.erf(z / 2.0**0.5))
-    return ops.sum(ops.cast(prob_in, "float32"), axis=0)
+    prob_in = ops.cast(0.5 * (1.0 + ops.erf(z / 2.0**0.5)), "float32")
+    if keep is not None:
+        prob_in = ops.where(keep, prob_in, ops.zeros_like(prob_in))
+    return ops.sum(prob_in, axis=0)

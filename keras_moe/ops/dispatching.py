@@ -92,18 +92,24 @@ class DispatchPlan(dict):
             raise AttributeError(name) from None
 
 
-def _arrival_positions(expert_index, num_experts):
+def _arrival_positions(expert_index, num_experts, valid=None):
     """Position of each pair among the pairs routed to the same expert, in
     the order (choice major, token minor): a cumulative sum over a one-hot
-    `(k N, E)` matrix."""
+    `(k N, E)` matrix. Invalid pairs take no position (and get one that
+    only the caller's `keep` makes meaningless)."""
     flat_index = ops.reshape(ops.transpose(expert_index), (-1,))
     one_hot = ops.one_hot(flat_index, num_experts, dtype="int32")
+    if valid is not None:
+        flat_valid = ops.reshape(ops.transpose(valid), (-1, 1))
+        one_hot = one_hot * ops.cast(flat_valid, "int32")
     position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
     shape = ops.shape(expert_index)
     return ops.transpose(ops.reshape(position, (shape[1], shape[0])))
 
 
-def make_dispatch_plan(expert_index, num_experts, capacity, priority=None):
+def make_dispatch_plan(
+    expert_index, num_experts, capacity, priority=None, valid=None, limit=None
+):
     """Assigns every (token, choice) pair a row in its expert's buffer.
 
     Position of pair `(n, j)` routed to expert `e`: the number of pairs routed
@@ -118,24 +124,40 @@ def make_dispatch_plan(expert_index, num_experts, capacity, priority=None):
         num_experts: `E`.
         capacity: `C`, from `compute_capacity`.
         priority: optional `(N,)` float scores; higher goes first.
+        valid: optional `(N, k)` bool: the pairs to place. An invalid pair
+            (e.g. of a masked padding token) takes no row and no capacity,
+            and `keep` is False for it.
+        limit: optional capacity actually granted (`<= capacity`, may be a
+            tensor): pairs at positions `>= limit` are dropped, while the
+            buffers keep their static size `capacity`. Layers pass the
+            capacity of the valid tokens, so that padding never changes
+            which real pairs fit.
 
     Returns:
         A `DispatchPlan`.
     """
     expert_index = ops.cast(expert_index, "int32")
+    if valid is not None:
+        valid = ops.cast(valid, "bool")
     if priority is None:
-        position = _arrival_positions(expert_index, num_experts)
+        position = _arrival_positions(expert_index, num_experts, valid)
     else:
         priority = ops.stop_gradient(ops.convert_to_tensor(priority))
         order = ops.cast(ops.argsort(-priority), "int32")
         sorted_position = _arrival_positions(
-            ops.take(expert_index, order, axis=0), num_experts
+            ops.take(expert_index, order, axis=0),
+            num_experts,
+            None if valid is None else ops.take(valid, order, axis=0),
         )
         # Undo the sort: row order[i] of the result is row i of the sorted.
         position = ops.scatter_update(
             ops.zeros_like(expert_index), order[:, None], sorted_position
         )
-    return plan_from_positions(expert_index, position, num_experts, capacity)
+    keep = valid
+    if limit is not None:
+        fits = position < ops.cast(limit, "int32")
+        keep = fits if keep is None else ops.logical_and(keep, fits)
+    return plan_from_positions(expert_index, position, num_experts, capacity, keep=keep)
 
 
 def plan_from_positions(expert_index, position, num_experts, capacity, keep=None):
