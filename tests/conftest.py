@@ -56,9 +56,10 @@ class _InputProbe(keras.layers.Layer):
     trainable zero `offset` of shape `(N, ...)`; keeps the output rows
     `rows` (a list output is concatenated on its last axis)."""
 
-    def __init__(self, layer, rows, training, **kwargs):
+    def __init__(self, layer, rows, training, mask=None, **kwargs):
         super().__init__(**kwargs)
         self.layer, self.rows, self.training_mode = layer, list(rows), training
+        self.token_mask = mask
 
     def build(self, input_shape):
         self.offset = self.add_weight(
@@ -66,7 +67,8 @@ class _InputProbe(keras.layers.Layer):
         )
 
     def call(self, x):
-        y = self.layer(x[0] + self.offset, training=self.training_mode)
+        kwargs = {} if self.token_mask is None else {"mask": self.token_mask}
+        y = self.layer(x[0] + self.offset, training=self.training_mode, **kwargs)
         if isinstance(y, (list, tuple)):
             y = keras.ops.concatenate(y, axis=-1)
         return keras.ops.take(y, self.rows, axis=0)[None]
@@ -79,18 +81,20 @@ def copy_weights(source, target):
         b.assign(keras.ops.convert_to_numpy(a).copy())
 
 
-def input_gradients(layer, x, rows, training=True):
+def input_gradients(layer, x, rows, training=True, mask=None, weights=False):
     """The gradient of `sum(layer(x)[rows])` (plus the layer's own losses)
     with respect to every row of `x`, the `N` tokens or examples `(N, ...)`
     of one call, as NumPy.
 
     Read off one eager SGD(1) step on a zero offset added to `x` (the step
     moves it by minus the gradient), so no backend's gradient API is needed.
-    `layer` is called with `training`, which picks e.g. the custom gradient
-    rules of `keras_moe.ops.dispatch` and `combine`. The layer's variables
-    are restored afterwards.
+    `layer` is called with `training` (which picks e.g. the custom gradient
+    rules of `keras_moe.ops.dispatch` and `combine`) and `mask` if given.
+    With `weights=True`, also returns the gradients of the layer's
+    trainable weights, a list. The layer's variables are restored
+    afterwards.
     """
-    probe = _InputProbe(layer, rows, training, name="input_probe")
+    probe = _InputProbe(layer, rows, training, mask=mask, name="input_probe")
     inputs = keras.Input(x.shape, batch_size=1)
     model = keras.Model(inputs, probe(inputs))
     model.compile(
@@ -99,8 +103,14 @@ def input_gradients(layer, x, rows, training=True):
         run_eagerly=True,
     )
     saved = [np.array(keras.ops.convert_to_numpy(v)) for v in layer.variables]
+    before = [np.array(keras.ops.convert_to_numpy(v)) for v in layer.trainable_weights]
     target = np.zeros((1,) + tuple(model.outputs[0].shape[1:]), "float32")
     model.train_on_batch(x[None], target)
+    weight_gradients = [
+        b - keras.ops.convert_to_numpy(v)
+        for b, v in zip(before, layer.trainable_weights)
+    ]
     for variable, value in zip(layer.variables, saved):
         variable.assign(value)
-    return -keras.ops.convert_to_numpy(probe.offset)
+    gradient = -keras.ops.convert_to_numpy(probe.offset)
+    return (gradient, weight_gradients) if weights else gradient

@@ -121,10 +121,10 @@ def token_input_shape(layer, input_shape):
             "(batch, dim) or (batch, tokens, dim). Received: "
             f"input_shape={input_shape}"
         )
-    if input_shape[-1] is None:
+    if input_shape[-1] is None or input_shape[-1] == 0:
         raise ValueError(
-            f"{layer} needs a known last (feature) dimension. Received: "
-            f"input_shape={input_shape}"
+            f"{layer} needs a known, nonzero last (feature) dimension. "
+            f"Received: input_shape={input_shape}"
         )
     return input_shape
 

@@ -223,10 +223,11 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def _check_input_shape(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) < 2 or any(d is None for d in input_shape[1:]):
+        if len(input_shape) < 2 or any(d is None or d == 0 for d in input_shape[1:]):
             raise ValueError(
                 f"{type(self).__name__} expects inputs (batch, ...) with every "
-                f"non-batch dimension known. Received: input_shape={input_shape}"
+                "non-batch dimension known and nonzero. Received: "
+                f"input_shape={input_shape}"
             )
         return input_shape
 
@@ -422,8 +423,10 @@ class MixtureOfExperts(keras.layers.Layer):
             self.add_loss(self.load_balance_weight * balance)
         total = ops.sum(routed)
         expert_load = routed / ops.maximum(total, 1.0)
-        dropped_fraction = 1.0 - ops.sum(kept) / ops.maximum(total, 1.0)
-        entropy = -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=-1))
+        dropped_fraction = (total - ops.sum(kept)) / ops.maximum(total, 1.0)
+        entropy = -balancing.masked_mean(
+            ops.sum(probs * ops.log(probs + 1e-9), axis=-1)
+        )
         self.expert_load.assign(ops.stop_gradient(expert_load))
         self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
         self.load_balance_loss.assign(ops.stop_gradient(balance))

@@ -6,7 +6,8 @@ from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import quantized_dtype_config
-from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.routers import TopKRouter, accepts_mask
+from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
 
@@ -94,6 +95,13 @@ class SparseMoE(keras.layers.Layer):
         routing_inputs: extra routing input for routers that need one
             (token ids for `HashRouter`, task ids for `TaskRouter`): one id
             per token (`inputs.shape[:-1]`) or per example (`(B,)`).
+        mask: bool `inputs.shape[:-1]`, False for padding; Keras passes the
+            mask of the inputs (e.g. of `Embedding(mask_zero=True)`) by
+            itself when the layer is called on one tensor (with
+            `routing_inputs`, pass it explicitly). Masked tokens take no
+            capacity, output zeros and add nothing to the losses, the
+            statistics or `return_routing`'s counts; the mask propagates to
+            the output.
 
     Returns:
         `(..., output_dim)`, or `(outputs, routing)` with `return_routing`.
@@ -102,7 +110,7 @@ class SparseMoE(keras.layers.Layer):
 
     >>> import numpy as np
     >>> moe = SparseMoE(num_experts=8, hidden_dim=32, k=2)
-    >>> moe(np.random.rand(2, 10, 16).astype("float32")).shape
+    >>> tuple(moe(np.random.rand(2, 10, 16).astype("float32")).shape)
     (2, 10, 16)
 
     References:
@@ -138,6 +146,7 @@ class SparseMoE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
         self.output_dim = (
@@ -254,25 +263,53 @@ class SparseMoE(keras.layers.Layer):
             and not has_tensor_layout(self, "expert_buffers")
         )
 
-    def _route(self, tokens, num_tokens, training, routing_inputs):
+    def _route(self, tokens, num_tokens, training, routing_inputs, valid):
+        """Routes the `(N, d)` tokens and plans their dispatch. `valid`
+        `(N,)` bool (or None): the tokens that count; the others take no
+        capacity and no row. Returns `(routing, plan, selected)`, where
+        `selected` `(N, k)` bool (or None: all) marks the pairs that count
+        in the statistics."""
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
         )
+        # The buffers keep a static size from N; with a mask, the capacity
+        # granted is that of the valid tokens (a tensor), so padding never
+        # changes which real pairs fit.
         capacity = dispatch_ops.compute_capacity(
             num_tokens, self.num_experts, self.k, capacity_factor
         )
+        limit = None
+        if valid is not None and capacity_factor is not None:
+            limit = dispatch_ops.compute_capacity(
+                ops.sum(ops.cast(valid, "int32")),
+                self.num_experts,
+                self.k,
+                capacity_factor,
+            )
         kwargs = {"training": training}
         if routing_inputs is not None:
             kwargs["routing_inputs"] = routing_inputs
         if getattr(self.router, "assigns_positions", False):
-            kwargs["capacity"] = capacity
+            kwargs["capacity"] = capacity if limit is None else limit
+        if valid is not None and accepts_mask(self.router):
+            kwargs["mask"] = valid
         routing = self.router(tokens, **kwargs)
+        selected = routing.get("keep")
+        if valid is not None:
+            valid_pairs = ops.broadcast_to(
+                valid[:, None], ops.shape(routing["expert_index"])
+            )
+            selected = (
+                valid_pairs
+                if selected is None
+                else ops.logical_and(selected, valid_pairs)
+            )
         if self._uses_blocks(capacity_factor):
             plan = dropless_ops.make_block_plan(
                 routing["expert_index"],
                 self.num_experts,
                 block_size=self.block_size,
-                valid=routing.get("keep"),
+                valid=selected,
             )
             plan["capacity"] = capacity
         elif "position" in routing:
@@ -281,7 +318,7 @@ class SparseMoE(keras.layers.Layer):
                 routing["position"],
                 self.num_experts,
                 capacity,
-                keep=routing.get("keep"),
+                keep=selected,
             )
         else:
             plan = dispatch_ops.make_dispatch_plan(
@@ -289,8 +326,10 @@ class SparseMoE(keras.layers.Layer):
                 self.num_experts,
                 capacity,
                 priority=routing.get("priority"),
+                valid=selected,
+                limit=limit,
             )
-        return routing, plan
+        return routing, plan, selected
 
     def _routing_inputs_per_token(self, routing_inputs, shape):
         """Broadcasts `(B,)` or `(...)` ids to one id per token, `(N,)`."""
@@ -310,7 +349,33 @@ class SparseMoE(keras.layers.Layer):
         )
         return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
 
-    def call(self, inputs, training=None, return_routing=False, routing_inputs=None):
+    def _token_mask(self, mask, inputs):
+        """The Keras mask as `(N,)` bool, one entry per token (or None)."""
+        if mask is None:
+            return None
+        mask = ops.convert_to_tensor(mask)
+        expected = tuple(inputs.shape[:-1])
+        if len(mask.shape) != len(expected) or any(
+            m is not None and e is not None and m != e
+            for m, e in zip(mask.shape, expected)
+        ):
+            raise ValueError(
+                f"{self.name}: the mask must have the inputs' shape without "
+                f"the last axis, {expected}. Received: mask shape "
+                f"{tuple(mask.shape)}"
+            )
+        if mask.dtype != "bool":
+            mask = ops.not_equal(mask, 0)
+        return ops.reshape(mask, (-1,))
+
+    def call(
+        self,
+        inputs,
+        training=None,
+        return_routing=False,
+        routing_inputs=None,
+        mask=None,
+    ):
         self._check_call_input(inputs)
         # Integer inputs as floats on every backend (torch's einsum would
         # not promote them), as Keras' normalization layers do.
@@ -321,7 +386,14 @@ class SparseMoE(keras.layers.Layer):
         num_tokens = ops.shape(tokens)[0]
         if routing_inputs is not None:
             routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
-        routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
+        valid = self._token_mask(mask, inputs)
+        if valid is not None:
+            # Masked tokens enter no computation (a select, so NaN or Inf
+            # padding reaches no output and no gradient, its own included).
+            tokens = ops.where(valid[:, None], tokens, ops.zeros_like(tokens))
+        routing, plan, selected = self._route(
+            tokens, num_tokens, training, routing_inputs, valid
+        )
         weights = routing["combine_weights"]
         if isinstance(plan, dropless_ops.BlockPlan):
             outputs = dropless_ops.run_blocks(
@@ -350,19 +422,26 @@ class SparseMoE(keras.layers.Layer):
                 tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
             )
             outputs = outputs + ops.sum(self.shared_experts(shared_in), axis=0)
+        if valid is not None:  # masked tokens output zeros (select: no NaN)
+            outputs = ops.where(valid[:, None], outputs, ops.zeros_like(outputs))
         outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
 
-        # Routers that place tokens themselves mark the pairs they chose.
-        routed, kept = dispatch_ops.expert_counts(plan, selected=routing.get("keep"))
+        # Routers that place tokens themselves mark the pairs they chose;
+        # masked tokens' pairs do not count.
+        routed, kept = dispatch_ops.expert_counts(plan, selected=selected)
         total = ops.sum(routed)
         expert_load = routed / ops.maximum(total, 1.0)
-        dropped_fraction = 1.0 - ops.sum(kept) / ops.maximum(total, 1.0)
+        dropped_fraction = (total - ops.sum(kept)) / ops.maximum(total, 1.0)
         balance = routing.get("load_balance_loss", ops.zeros(()))
         self.expert_load.assign(ops.stop_gradient(expert_load))
         self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
         self.load_balance_loss.assign(ops.stop_gradient(ops.cast(balance, "float32")))
-        probs = ops.cast(routing["probs"], "float32")
-        entropy = -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=-1))
+        probs = ops.reshape(
+            ops.cast(routing["probs"], "float32"), (-1, self.num_experts)
+        )
+        entropy = -balancing.masked_mean(
+            ops.sum(probs * ops.log(probs + 1e-9), axis=-1), valid
+        )
         self.router_entropy.assign(ops.stop_gradient(entropy))
         if not return_routing:
             return outputs
@@ -393,7 +472,12 @@ class SparseMoE(keras.layers.Layer):
         return input_shape[:-1] + (self.output_dim or input_shape[-1],)
 
     def compute_output_spec(
-        self, inputs, training=None, return_routing=False, routing_inputs=None
+        self,
+        inputs,
+        training=None,
+        return_routing=False,
+        routing_inputs=None,
+        mask=None,
     ):
         if return_routing:
             # Trace `call` itself for the nested routing structure.
@@ -402,6 +486,7 @@ class SparseMoE(keras.layers.Layer):
                 training=training,
                 return_routing=True,
                 routing_inputs=routing_inputs,
+                mask=mask,
             )
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype

@@ -15,7 +15,12 @@ from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
-from keras_moe.layers.routers import TopKRouter, default_router_initializer
+from keras_moe.layers.routers import (
+    TopKRouter,
+    accepts_mask,
+    default_router_initializer,
+)
+from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
 from keras_moe.ops import selection
@@ -38,10 +43,41 @@ def _fresh_initializer(initializer, offset):
     return keras.initializers.deserialize(config)
 
 
-def _entropy(probs, axis=-1):
-    """Mean entropy (nats) of distributions `probs` along `axis`."""
+def _entropy(probs, mask=None):
+    """Mean entropy (nats) of the distributions `probs` `(..., N, E)` of
+    `N` tokens, over the tokens of `mask` `(N,)` only."""
     probs = ops.cast(probs, "float32")
-    return -ops.mean(ops.sum(probs * ops.log(probs + 1e-9), axis=axis))
+    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
+    return ops.mean(balancing.masked_mean(ops.moveaxis(entropy, -1, 0), mask))
+
+
+def _one_mask(mask):
+    """The token mask of a layer called on one tensor or on a list of them
+    (`[task_1, ..., task_T, shared]`: the shared input's, or the first
+    given), or None."""
+    if isinstance(mask, (list, tuple)):
+        given = [m for m in mask if m is not None]
+        return mask[-1] if mask[-1] is not None else (given[0] if given else None)
+    return mask
+
+
+def _token_mask(layer, mask, inputs):
+    """A Keras mask of `inputs.shape[:-1]` as `(N,)` bool, or None."""
+    if mask is None:
+        return None
+    mask = ops.convert_to_tensor(mask)
+    expected = tuple(inputs.shape[:-1])
+    if len(mask.shape) != len(expected) or any(
+        m is not None and e is not None and m != e
+        for m, e in zip(mask.shape, expected)
+    ):
+        raise ValueError(
+            f"{layer.name}: the mask must have the inputs' shape without the "
+            f"last axis, {expected}. Received: mask shape {tuple(mask.shape)}"
+        )
+    if mask.dtype != "bool":
+        mask = ops.not_equal(mask, 0)
+    return ops.reshape(mask, (-1,))
 
 
 def _normalize_rows(mass):
@@ -167,6 +203,10 @@ class MultiGateMoE(keras.layers.Layer):
             `dropped_fraction`, and for sparse gates `expert_index`,
             `combine_weights`, `keep`, `position` `(T, N, k)`, `probs`
             `(T, N, E)` and `capacity`.
+        mask: bool `inputs.shape[:-1]`, False for padding (Keras passes the
+            inputs' mask by itself). Masked tokens take no capacity, output
+            zeros and add nothing to the losses or statistics; every task
+            output carries the mask.
 
     Returns:
         A list of `T` tensors `(..., output_dim or d)`, or
@@ -214,6 +254,7 @@ class MultiGateMoE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_tasks = check.positive_int("num_tasks", num_tasks)
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
@@ -315,7 +356,7 @@ class MultiGateMoE(keras.layers.Layer):
 
     # Dense gates ---------------------------------------------------------
 
-    def _dense(self, tokens):
+    def _dense(self, tokens, valid=None):
         num_tokens = ops.shape(tokens)[0]
         logits = ops.einsum("nd,tde->tne", tokens, self.gate_kernel)
         logits = logits + self.gate_bias[:, None, :]
@@ -327,31 +368,56 @@ class MultiGateMoE(keras.layers.Layer):
         outputs = ops.einsum(
             "tne,eno->tno", ops.cast(gates, expert_outputs.dtype), expert_outputs
         )
-        usage = ops.mean(gates, axis=1)  # (T, E), rows sum to 1
+        if valid is not None:  # masked tokens: zero outputs, no statistic
+            gates = ops.where(valid[None, :, None], gates, 0.0)
+            outputs = ops.where(
+                valid[None, :, None], outputs, ops.zeros_like(outputs)
+            )
+        # (T, E); rows sum to 1 (0 without a token)
+        usage = balancing.masked_mean(ops.moveaxis(gates, 1, 0), valid)
         routing = {
             "gates": gates,
             "task_expert_usage": usage,
             "expert_load": ops.mean(usage, axis=0),
             "dropped_fraction": ops.zeros((), "float32"),
-            "entropy": _entropy(gates),
+            "entropy": _entropy(gates, valid),
         }
         return outputs, routing
 
     # Sparse gates --------------------------------------------------------
 
-    def _sparse(self, tokens, training):
+    def _sparse(self, tokens, training, valid=None):
         num_tokens = ops.shape(tokens)[0]
         t_count, e = self.num_tasks, self.num_experts
         capacity_factor = (
             self.capacity_factor if training else self.eval_capacity_factor
         )
+        # With a mask, buffers keep their static size from N, and the
+        # capacity granted is that of the valid tokens: padding never
+        # changes which real pairs fit.
+        num_valid = (
+            None if valid is None else ops.sum(ops.cast(valid, "int32"))
+        )
+
+        def granted(count, k):
+            if num_valid is None or capacity_factor is None:
+                return None
+            return dispatch_ops.compute_capacity(count, e, k, capacity_factor)
+
         routings = []
         for router in self.routers:
             kwargs = {"training": training}
             if getattr(router, "assigns_positions", False):
-                kwargs["capacity"] = dispatch_ops.compute_capacity(
-                    num_tokens, e, router.k, capacity_factor
+                limit = granted(num_valid, router.k)
+                kwargs["capacity"] = (
+                    dispatch_ops.compute_capacity(
+                        num_tokens, e, router.k, capacity_factor
+                    )
+                    if limit is None
+                    else limit
                 )
+            if valid is not None and accepts_mask(router):
+                kwargs["mask"] = valid
             routings.append(router(tokens, **kwargs))
         widths = [r["expert_index"].shape[-1] for r in routings]
         joint = len(set(widths)) == 1 and not any("position" in r for r in routings)
@@ -365,18 +431,21 @@ class MultiGateMoE(keras.layers.Layer):
             and not any("position" in r for r in routings)
             and self.experts.quantization_mode is None
         )
+        def real(pairs):  # (N, k') bool pairs of the valid tokens only
+            return pairs if valid is None else ops.logical_and(pairs, valid[:, None])
+
         if blocks:
             # Dropless: every pair gets one row of the expert-sorted blocks
             # (keras_moe.ops.dropless), at the cost of the k T N pairs.
             k = max(widths)
             own = [ops.cast(r["expert_index"], "int32") for r in routings]
             index = stack([_pad_choices(i, k) for i in own])
-            valid = stack([_pad_choices(ops.ones_like(i), k) > 0 for i in own])
+            pairs = stack([real(_pad_choices(ops.ones_like(i), k) > 0) for i in own])
             plan = dropless_ops.make_block_plan(
-                index, e, valid=valid, rows_per_token=t_count
+                index, e, valid=pairs, rows_per_token=t_count
             )
             plan["capacity"] = num_tokens * t_count
-            selected = None
+            selected = None if valid is None else pairs
         elif joint:
             # All pairs compete for one capacity, token-major.
             k = widths[0]
@@ -389,13 +458,24 @@ class MultiGateMoE(keras.layers.Layer):
                 if all(p is not None for p in priorities)
                 else None
             )
+            pairs = (
+                None
+                if valid is None
+                else stack(
+                    [real(ops.ones_like(r["expert_index"]) > 0) for r in routings]
+                )
+            )
             plan = dispatch_ops.make_dispatch_plan(
                 stack([r["expert_index"] for r in routings]),
                 e,
                 capacity,
                 priority=priority,
+                valid=pairs,
+                limit=granted(
+                    None if num_valid is None else num_valid * t_count, k
+                ),
             )
-            selected = None
+            selected = pairs
         else:
             # Each task gets its own block of every expert's buffer.
             k = max(widths)
@@ -409,17 +489,20 @@ class MultiGateMoE(keras.layers.Layer):
                 if "position" in routing:
                     position = ops.cast(routing["position"], "int32")
                     keep = routing.get("keep")
-                    keep = (
-                        ops.ones_like(index) > 0 if keep is None else keep
-                    )
+                    keep = real(ops.ones_like(index) > 0 if keep is None else keep)
                     picked = keep
                     keep = ops.logical_and(keep, position < cap)
                 else:
+                    picked = real(ops.ones_like(index) > 0)
                     own = dispatch_ops.make_dispatch_plan(
-                        index, e, cap, priority=routing.get("priority")
+                        index,
+                        e,
+                        cap,
+                        priority=routing.get("priority"),
+                        valid=None if valid is None else picked,
+                        limit=granted(num_valid, router.k),
                     )
                     position, keep = own["position"], own["keep"]
-                    picked = ops.ones_like(index) > 0
                 position = position + capacity
                 if width < k:
                     pad = ((0, 0), (0, k - width))
@@ -452,6 +535,11 @@ class MultiGateMoE(keras.layers.Layer):
             combined = dispatch_ops.combine(
                 self.experts(buffers), plan, weights, custom_gradient=bool(training)
             )
+        if valid is not None:  # masked tokens output zeros (select: no NaN)
+            rows_valid = ops.reshape(
+                ops.broadcast_to(valid[:, None], (num_tokens, t_count)), (-1, 1)
+            )
+            combined = ops.where(rows_valid, combined, ops.zeros_like(combined))
         outputs = ops.transpose(
             ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1])),
             (1, 0, 2),
@@ -474,9 +562,9 @@ class MultiGateMoE(keras.layers.Layer):
             "gates": gates,
             "task_expert_usage": usage,
             "expert_load": routed / total,
-            "dropped_fraction": 1.0 - ops.sum(kept) / total,
+            "dropped_fraction": (ops.sum(routed) - ops.sum(kept)) / total,
             "entropy": ops.mean(
-                ops.stack([_entropy(r["probs"]) for r in routings])
+                ops.stack([_entropy(r["probs"], valid) for r in routings])
             ),
             "load_balance_loss": (
                 ops.mean(ops.stack([ops.cast(b, "float32") for b in balance]))
@@ -502,16 +590,21 @@ class MultiGateMoE(keras.layers.Layer):
             num_tokens=num_tokens,
         )
 
-    def call(self, inputs, training=None, return_routing=False):
+    def call(self, inputs, training=None, return_routing=False, mask=None):
         shape = ops.shape(inputs)
         check.token_input_shape(type(self).__name__, tuple(inputs.shape))
         _check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
         inputs = _as_compute_dtype(self, inputs)
         tokens = _flat_tokens(inputs, shape[-1])
+        valid = _token_mask(self, mask, inputs)
+        if valid is not None:
+            # Masked tokens enter no computation (a select, so NaN or Inf
+            # padding reaches no output and no gradient, its own included).
+            tokens = ops.where(valid[:, None], tokens, ops.zeros_like(tokens))
         if self.sparse:
-            outputs, routing = self._sparse(tokens, training)
+            outputs, routing = self._sparse(tokens, training, valid)
         else:
-            outputs, routing = self._dense(tokens)
+            outputs, routing = self._dense(tokens, valid)
         sg = ops.stop_gradient
         for name in ("task_expert_usage", "expert_load", "dropped_fraction"):
             getattr(self, name).assign(sg(ops.cast(routing[name], "float32")))
@@ -549,10 +642,18 @@ class MultiGateMoE(keras.layers.Layer):
         shape = input_shape[:-1] + (self.output_dim or input_shape[-1],)
         return [shape for _ in range(self.num_tasks)]
 
-    def compute_output_spec(self, inputs, training=None, return_routing=False):
+    def compute_mask(self, inputs, previous_mask=None):
+        # The inputs' mask on every task's output.
+        if previous_mask is None:
+            return None
+        return [previous_mask] * self.num_tasks
+
+    def compute_output_spec(
+        self, inputs, training=None, return_routing=False, mask=None
+    ):
         if return_routing:
             return super(keras.layers.Layer, self).compute_output_spec(
-                inputs, training=training, return_routing=True
+                inputs, training=training, return_routing=True, mask=mask
             )
         return [
             keras.KerasTensor(shape, dtype=self.compute_dtype)
@@ -642,6 +743,11 @@ class CGC(keras.layers.Layer):
         return_routing: also return a dict with `task_gates`
             `(T, N, m_t + m_s)`, `shared_gates` `(N, E_total)` (with
             `shared_output`), `task_expert_usage`, `expert_load`.
+        mask: bool, the inputs' shape without the last axis (with a list
+            of inputs, one mask or a list of masks: the shared input's
+            counts), False for padding; Keras passes it by itself. Masked
+            tokens output zeros and count in no gate statistic; every
+            output carries the mask.
 
     Returns:
         A list of `T` tensors `(..., output_dim or d)`, plus the shared
@@ -685,6 +791,7 @@ class CGC(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_tasks = check.positive_int("num_tasks", num_tasks)
         self.num_task_experts = check.non_negative_int(
             "num_task_experts", num_task_experts
@@ -810,7 +917,7 @@ class CGC(keras.layers.Layer):
             return inputs[:-1], inputs[-1]
         return None, _as_compute_dtype(self, inputs)
 
-    def call(self, inputs, training=None, return_routing=False):
+    def call(self, inputs, training=None, return_routing=False, mask=None):
         task_inputs, shared_input = self._split_inputs(inputs)
         check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
         expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
@@ -824,6 +931,15 @@ class CGC(keras.layers.Layer):
             task_tokens = ops.broadcast_to(shared_tokens[None], (t, num_tokens, d))
         else:
             task_tokens = ops.stack([_flat_tokens(x, d) for x in task_inputs])
+        valid = _token_mask(self, _one_mask(mask), shared_input)
+        if valid is not None:
+            # Masked tokens enter no computation (a select: NaN stays out).
+            shared_tokens = ops.where(
+                valid[:, None], shared_tokens, ops.zeros_like(shared_tokens)
+            )
+            task_tokens = ops.where(
+                valid[None, :, None], task_tokens, ops.zeros_like(task_tokens)
+            )
 
         # Experts: task t's experts read task t's input, shared ones x_s.
         candidates = []  # (T, m_t + m_s, N, o): the experts each task mixes
@@ -853,12 +969,17 @@ class CGC(keras.layers.Layer):
         task_y = ops.einsum(
             "tne,teno->tno", ops.cast(task_gates, candidates.dtype), candidates
         )
+        if valid is not None:  # masked tokens: zero outputs, no statistic
+            task_y = ops.where(valid[None, :, None], task_y, ops.zeros_like(task_y))
+            task_gates = ops.where(valid[None, :, None], task_gates, 0.0)
         lead = tuple(shape[:-1])
         o = ops.shape(task_y)[-1]
         outputs = [ops.reshape(task_y[i], lead + (o,)) for i in range(t)]
 
         # Telemetry: each task's mean gate, placed at its experts' columns.
-        task_usage = ops.mean(task_gates, axis=1)  # (T, m_t + m_s)
+        task_usage = balancing.masked_mean(  # (T, m_t + m_s)
+            ops.moveaxis(task_gates, 1, 0), valid
+        )
         columns = []
         if m:
             own = ops.eye(t, dtype="float32")[:, :, None] * task_usage[:, None, :m]
@@ -866,7 +987,7 @@ class CGC(keras.layers.Layer):
         if s:
             columns.append(task_usage[:, m:])
         usage = ops.concatenate(columns, axis=1)
-        entropy = _entropy(task_gates)
+        entropy = _entropy(task_gates, valid)
         routing = {"task_gates": task_gates}
         if self.shared_output:
             shared_logits = ops.matmul(shared_tokens, self.shared_gate_kernel)
@@ -877,11 +998,16 @@ class CGC(keras.layers.Layer):
             shared_y = ops.einsum(
                 "ne,eno->no", ops.cast(shared_gates, every.dtype), every
             )
+            if valid is not None:
+                shared_y = ops.where(
+                    valid[:, None], shared_y, ops.zeros_like(shared_y)
+                )
+                shared_gates = ops.where(valid[:, None], shared_gates, 0.0)
             outputs.append(ops.reshape(shared_y, lead + (o,)))
             usage = ops.concatenate(
-                [usage, ops.mean(shared_gates, axis=0)[None]], axis=0
+                [usage, balancing.masked_mean(shared_gates, valid)[None]], axis=0
             )
-            entropy = (t * entropy + _entropy(shared_gates)) / (t + 1)
+            entropy = (t * entropy + _entropy(shared_gates, valid)) / (t + 1)
             routing["shared_gates"] = shared_gates
         expert_load = ops.mean(usage, axis=0)
         sg = ops.stop_gradient
@@ -914,7 +1040,16 @@ class CGC(keras.layers.Layer):
         out = shape[:-1] + (self.output_dim or shape[-1],)
         return [out for _ in range(self.num_tasks + int(self.shared_output))]
 
-    def compute_output_spec(self, inputs, training=None, return_routing=False):
+    def compute_mask(self, inputs, previous_mask=None):
+        # The inputs' token mask on every output.
+        mask = _one_mask(previous_mask)
+        if mask is None:
+            return None
+        return [mask] * (self.num_tasks + int(self.shared_output))
+
+    def compute_output_spec(
+        self, inputs, training=None, return_routing=False, mask=None
+    ):
         if return_routing:
             return super(keras.layers.Layer, self).compute_output_spec(
                 inputs, training=training, return_routing=True
@@ -1003,6 +1138,8 @@ class PLE(keras.layers.Layer):
     Call arguments:
         inputs: `(..., d)`, rank >= 2.
         training: training mode.
+        mask: bool `inputs.shape[:-1]`, False for padding (Keras passes it
+            by itself); handed to every level (see `CGC`).
 
     Returns:
         A list of `T` tensors `(..., output_dim of the last level or d)`.
@@ -1045,6 +1182,7 @@ class PLE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_tasks = check.positive_int("num_tasks", num_tasks)
         self.num_levels = check.positive_int("num_levels", num_levels)
         hidden = check.int_per_level("hidden_dim", hidden_dim, self.num_levels)
@@ -1088,10 +1226,10 @@ class PLE(keras.layers.Layer):
             level.build(shape)
             shape = level.compute_output_shape(shape)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
         x = inputs
         for level in self.levels:
-            x = level(x, training=training)
+            x = level(x, training=training, mask=mask)
         return x
 
     def routing_stats(self):
@@ -1106,7 +1244,13 @@ class PLE(keras.layers.Layer):
             shape = level.compute_output_shape(shape)
         return shape
 
-    def compute_output_spec(self, inputs, training=None):
+    def compute_mask(self, inputs, previous_mask=None):
+        # The inputs' token mask on every task's output.
+        if previous_mask is None:
+            return None
+        return [previous_mask] * self.num_tasks
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
         return [
             keras.KerasTensor(s, dtype=self.compute_dtype)
             for s in self.compute_output_shape(tuple(inputs.shape))

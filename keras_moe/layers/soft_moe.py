@@ -45,6 +45,11 @@ class SoftMoE(keras.layers.Layer):
 
     Call arguments:
         inputs: `(B, T, d)`.
+        mask: bool `(B, T)`, False for padding (Keras passes the inputs'
+            mask, e.g. of `Embedding(mask_zero=True)`, by itself). Masked
+            tokens feed no slot (their dispatch logits are `-inf`) and
+            output zeros, so padding changes no real token's output; a
+            sequence with no real token outputs zeros. The mask propagates.
 
     Returns:
         `(B, T, o)`.
@@ -53,7 +58,7 @@ class SoftMoE(keras.layers.Layer):
 
     >>> import numpy as np
     >>> moe = SoftMoE(num_experts=4, hidden_dim=32, slots_per_expert=2)
-    >>> moe(np.random.rand(2, 10, 16).astype("float32")).shape
+    >>> tuple(moe(np.random.rand(2, 10, 16).astype("float32")).shape)
     (2, 10, 16)
 
     References:
@@ -79,6 +84,7 @@ class SoftMoE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
         self.slots_per_expert = check.positive_int("slots_per_expert", slots_per_expert)
@@ -104,10 +110,10 @@ class SoftMoE(keras.layers.Layer):
 
     def _check_shape(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 3 or input_shape[-1] is None:
+        if len(input_shape) != 3 or input_shape[-1] is None or input_shape[-1] == 0:
             raise ValueError(
                 "SoftMoE mixes the tokens of a sequence and expects inputs "
-                "(batch, tokens, dim) with a known dim. Received: "
+                "(batch, tokens, dim) with a known, nonzero dim. Received: "
                 f"input_shape={input_shape}"
             )
         return input_shape
@@ -135,14 +141,23 @@ class SoftMoE(keras.layers.Layer):
             phi = phi * self.scale
         return ops.einsum("btd,ds->bts", x, phi)
 
-    def call(self, inputs):
+    def call(self, inputs, mask=None):
         shape = self._check_shape(inputs.shape)
         # Integer inputs as floats on every backend (the dispatch weights
         # are cast to the input dtype, and torch's einsum would not promote).
         inputs = ops.cast(inputs, self.compute_dtype)
         e, s = self.num_experts, self.slots_per_expert
+        if mask is not None:
+            mask = self._check_mask(mask, shape)
+            # Replaced, not multiplied by 0: a NaN in padding stays out.
+            inputs = ops.where(mask[..., None], inputs, ops.zeros_like(inputs))
         logits = ops.cast(self.logits(inputs), "float32")
-        dispatch = ops.cast(ops.softmax(logits, axis=1), inputs.dtype)
+        if mask is None:
+            dispatch = ops.softmax(logits, axis=1)
+        else:
+            dispatch = ops.softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
+            dispatch = ops.where(mask[..., None], dispatch, 0.0)
+        dispatch = ops.cast(dispatch, inputs.dtype)
         combine = ops.softmax(logits, axis=2)
         slots = ops.einsum("bts,btd->bsd", dispatch, inputs)  # (B, E*S, d)
         batch = ops.shape(inputs)[0]
@@ -155,10 +170,27 @@ class SoftMoE(keras.layers.Layer):
         outputs = ops.transpose(ops.reshape(outputs, (e, batch, s, o)), (1, 0, 2, 3))
         outputs = ops.reshape(outputs, (batch, e * s, o))
         y = ops.einsum("bts,bso->bto", ops.cast(combine, outputs.dtype), outputs)
+        if mask is not None:
+            combine = ops.where(mask[..., None], combine, 0.0)
+            y = ops.where(mask[..., None], y, ops.zeros_like(y))
         # Share of the combine mass that each expert's slots receive.
         load = ops.sum(ops.reshape(combine, (-1, e, s)), axis=(0, 2))
-        self.expert_load.assign(ops.stop_gradient(load / ops.sum(load)))
+        self.expert_load.assign(
+            ops.stop_gradient(load / ops.maximum(ops.sum(load), 1e-9))
+        )
         return y
+
+    def _check_mask(self, mask, shape):
+        mask = ops.convert_to_tensor(mask)
+        if len(mask.shape) != 2 or any(
+            m is not None and e is not None and m != e
+            for m, e in zip(mask.shape, shape[:2])
+        ):
+            raise ValueError(
+                f"{self.name}: the mask must be (batch, tokens), {shape[:2]}. "
+                f"Received: mask shape {tuple(mask.shape)}"
+            )
+        return mask if mask.dtype == "bool" else ops.not_equal(mask, 0)
 
     def routing_stats(self):
         """Per-expert share of the combine weights in the last call; Soft MoE

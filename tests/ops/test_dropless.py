@@ -279,3 +279,9 @@ def test_dropless_empty_batch(name):
     for training in (False, True):
         for y in keras.tree.flatten(layer(x, training=training)):
             assert tuple(y.shape) == (0, 5, 8)
+        # Statistics of no token are zeros, not NaN (means over nothing).
+        for stat, value in layer.routing_stats().items():
+            if stat != "task_names":
+                np.testing.assert_array_equal(value, 0.0, err_msg=stat)
+        for loss in layer.losses:
+            assert float(keras.ops.convert_to_numpy(loss)) == 0.0
