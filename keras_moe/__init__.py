@@ -6,7 +6,7 @@ and PyTorch.
 
 __version__ = "0.1.0"
 
-from keras_moe import callbacks, layers, ops  # noqa: E402
+from keras_moe import activations, callbacks, layers, ops  # noqa: E402
 from keras_moe import boxes, losses, metrics  # noqa: E402
 from keras_moe import models, weighting  # noqa: E402
 from keras_moe import distribution  # noqa: E402
@@ -24,6 +24,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "activations",
     "boxes",
     "callbacks",
     "distribution",
