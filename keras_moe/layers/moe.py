@@ -11,6 +11,14 @@ from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
 
 DISPATCH_MODES = ("sparse", "dense")
+SHARED_EXPERT_GATES = ("sigmoid",)
+
+
+def _is_float(value):
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = ops.convert_to_tensor(value).dtype
+    return "float" in keras.backend.standardize_dtype(dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -65,13 +73,27 @@ class SparseMoE(keras.layers.Layer):
         dispatch: `"sparse"` or `"dense"`.
         block_size: rows per block of the dropless path; `None` (default)
             picks one per shape (`keras_moe.ops.default_block_size`).
-        activation: expert activation.
+        activation: expert activation (a Keras activation, or
+            `"gelu_approximate"` / `"quick_gelu"`, see
+            `keras_moe.activations`).
         gated: gated (GLU) experts; with `activation="silu"`, SwiGLU.
         use_bias: biases in the experts.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer: passed to `Experts`.
+        glu_limit, glu_linear_offset: the clamped GLU of GPT-OSS, passed to
+            `Experts` (default: off).
+        output_scale: a learned output scale per expert (`Experts`;
+            default False).
         num_shared_experts: experts that every token uses, added to the
             routed mixture (DeepSeekMoE, Dai et al. 2024); default 0.
+        shared_hidden_dim: hidden width of the shared experts (default
+            `hidden_dim`).
+        shared_expert_gate: `None` (default: shared experts are added as
+            they are) or `"sigmoid"`: shared expert `s` is weighted by its
+            own gate `sigmoid(x w_s)`, `w_s` a learned `(d,)` vector
+            (`shared_gate_kernel`, `(d, S)`, no bias, initialised and
+            regularised like the expert kernels), as in Qwen-MoE:
+            `y = routed(x) + sum_s sigmoid(x w_s) FFN_s(x)`.
         router: a router layer (see `keras_moe.layers.routers`), e.g.
             `TopKRouter(num_experts, k=1, batch_prioritized=True)`. Default:
             a `TopKRouter` built from `k` and the options below, which are
@@ -93,7 +115,11 @@ class SparseMoE(keras.layers.Layer):
             `capacity`, `expert_load`, `dropped_fraction`).
         routing_inputs: extra routing input for routers that need one
             (token ids for `HashRouter`, task ids for `TaskRouter`): one id
-            per token (`inputs.shape[:-1]`) or per example (`(B,)`).
+            per token (`inputs.shape[:-1]`) or per example (`(B,)`). A float
+            tensor of the inputs' shape `(..., d)` is instead what the router
+            sees in place of `inputs` (the experts, and the shared experts'
+            gates, still see `inputs`): Gemma 4 routes the raw hidden states
+            and feeds its experts normalised ones.
 
     Returns:
         `(..., output_dim)`, or `(outputs, routing)` with `return_routing`.
@@ -128,7 +154,12 @@ class SparseMoE(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        glu_limit=None,
+        glu_linear_offset=0.0,
+        output_scale=False,
         num_shared_experts=0,
+        shared_hidden_dim=None,
+        shared_expert_gate=None,
         router=None,
         noisy_gating=None,
         load_balance_weight=None,
@@ -152,6 +183,28 @@ class SparseMoE(keras.layers.Layer):
         self.num_shared_experts = check.non_negative_int(
             "num_shared_experts", num_shared_experts
         )
+        self.shared_hidden_dim = (
+            None
+            if shared_hidden_dim is None
+            else check.positive_int("shared_hidden_dim", shared_hidden_dim)
+        )
+        self.shared_expert_gate = (
+            None
+            if shared_expert_gate is None
+            else check.one_of(
+                "shared_expert_gate", shared_expert_gate, SHARED_EXPERT_GATES
+            )
+        )
+        if not self.num_shared_experts and (
+            self.shared_hidden_dim is not None or self.shared_expert_gate is not None
+        ):
+            raise ValueError(
+                "shared_hidden_dim and shared_expert_gate configure shared "
+                "experts and need num_shared_experts >= 1. Received: "
+                f"num_shared_experts={num_shared_experts!r}, "
+                f"shared_hidden_dim={shared_hidden_dim!r}, "
+                f"shared_expert_gate={shared_expert_gate!r}"
+            )
         self.seed = seed
         router_args = dict(
             noisy_gating=noisy_gating,
@@ -192,6 +245,9 @@ class SparseMoE(keras.layers.Layer):
             output_dim=self.output_dim,
             activation=activation,
             gated=gated,
+            glu_limit=glu_limit,
+            glu_linear_offset=glu_linear_offset,
+            output_scale=output_scale,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -206,7 +262,7 @@ class SparseMoE(keras.layers.Layer):
             Experts(
                 num_experts=self.num_shared_experts,
                 name="shared_experts",
-                **expert_args,
+                **dict(expert_args, hidden_dim=self.shared_hidden_dim or hidden_dim),
             )
             if self.num_shared_experts
             else None
@@ -220,6 +276,16 @@ class SparseMoE(keras.layers.Layer):
         self.experts.build((self.num_experts, None, d))
         if self.shared_experts is not None:
             self.shared_experts.build((self.num_shared_experts, None, d))
+        self.shared_gate_kernel = (
+            self.add_weight(
+                name="shared_gate_kernel",
+                shape=(d, self.num_shared_experts),
+                initializer=self.experts.kernel_initializer,
+                regularizer=self.experts.kernel_regularizer,
+            )
+            if self.shared_expert_gate and self.num_shared_experts
+            else None
+        )
 
         for name, shape in (
             ("expert_load", (self.num_experts,)),
@@ -310,6 +376,32 @@ class SparseMoE(keras.layers.Layer):
         )
         return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
 
+    def _router_tokens(self, routing_inputs, shape):
+        """Float `routing_inputs` `(..., d)` as the router's `(N, d)` tokens."""
+        routing_inputs = ops.cast(routing_inputs, self.compute_dtype)
+        given, expected = tuple(routing_inputs.shape), tuple(shape)
+        if len(given) != len(expected) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(given, expected)
+        ):
+            raise ValueError(
+                f"{self.name}: float routing_inputs are the router's inputs "
+                "and must have the shape of the inputs. Received: "
+                f"routing_inputs shape {given}, inputs shape {expected}"
+            )
+        return ops.reshape(routing_inputs, (-1, ops.shape(routing_inputs)[-1]))
+
+    def _shared_outputs(self, tokens):
+        """The shared experts' `(N, o)` sum, each gated if so configured."""
+        shared_in = ops.broadcast_to(
+            tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
+        )
+        shared = self.shared_experts(shared_in)  # (S, N, o)
+        if self.shared_gate_kernel is not None:
+            gates = ops.sigmoid(ops.matmul(tokens, self.shared_gate_kernel))
+            shared = shared * ops.transpose(gates)[:, :, None]
+        return ops.sum(shared, axis=0)
+
     def call(self, inputs, training=None, return_routing=False, routing_inputs=None):
         self._check_call_input(inputs)
         # Integer inputs as floats on every backend (torch's einsum would
@@ -319,9 +411,13 @@ class SparseMoE(keras.layers.Layer):
         d = shape[-1]
         tokens = ops.reshape(inputs, (-1, d))
         num_tokens = ops.shape(tokens)[0]
+        router_tokens = tokens
+        if routing_inputs is not None and _is_float(routing_inputs):
+            router_tokens = self._router_tokens(routing_inputs, shape)
+            routing_inputs = None
         if routing_inputs is not None:
             routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
-        routing, plan = self._route(tokens, num_tokens, training, routing_inputs)
+        routing, plan = self._route(router_tokens, num_tokens, training, routing_inputs)
         weights = routing["combine_weights"]
         if isinstance(plan, dropless_ops.BlockPlan):
             outputs = dropless_ops.run_blocks(
@@ -346,10 +442,7 @@ class SparseMoE(keras.layers.Layer):
                 "ne,eno->no", ops.cast(gates, expert_outputs.dtype), expert_outputs
             )
         if self.shared_experts is not None:
-            shared_in = ops.broadcast_to(
-                tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
-            )
-            outputs = outputs + ops.sum(self.shared_experts(shared_in), axis=0)
+            outputs = outputs + self._shared_outputs(tokens)
         outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
 
         # Routers that place tokens themselves mark the pairs they chose.
@@ -419,7 +512,12 @@ class SparseMoE(keras.layers.Layer):
             dispatch=self.dispatch,
             block_size=self.block_size,
             **expert_options_config(self.experts),
+            glu_limit=self.experts.glu_limit,
+            glu_linear_offset=self.experts.glu_linear_offset,
+            output_scale=self.experts.output_scale,
             num_shared_experts=self.num_shared_experts,
+            shared_hidden_dim=self.shared_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate,
             seed=self.seed,
         )
         if self.custom_router:
