@@ -11,6 +11,7 @@ from keras_moe import boxes, losses, metrics  # noqa: E402
 from keras_moe import models, weighting  # noqa: E402
 from keras_moe import distribution  # noqa: E402
 from keras_moe import compression  # noqa: E402
+from keras_moe import interop, upcycling  # noqa: E402  (no keras_hub import)
 
 
 def __getattr__(name):
@@ -30,11 +31,13 @@ __all__ = [
     "distribution",
     "export_onnx",
     "export_saved_model",
+    "interop",
     "layers",
     "losses",
     "metrics",
     "models",
     "ops",
+    "upcycling",
     "weighting",
     "__version__",
 ]
