@@ -1,4 +1,4 @@
-"""Sparse upcycling: a trained dense feed-forward block as the start of an MoE.
+"""Sparse upcycling, and more experts for a trained MoE layer.
 
 Komatsuzaki et al. (2022) initialise every expert of an MoE layer as a copy
 of a trained dense model's feed-forward block, and the router at random.
@@ -12,10 +12,14 @@ experts are equal, and the router's `k` weights sum to 1
 whichever experts it picks. The layer is dropless (`capacity_factor=None`),
 so no token is dropped.
 
+`add_experts` gives a trained `SparseMoE` more experts without changing
+its outputs at insertion (see its docstring for how).
+
 References:
     Komatsuzaki, Puigcerver, Lee-Thorp, Riquelme Ruiz, Mustafa, Ainslie, Tay,
     Dehghani, Houlsby. Sparse Upcycling: Training Mixture-of-Experts from
-    Dense Checkpoints (2022).
+    Dense Checkpoints (2022). Wang et al. Auxiliary-Loss-Free Load Balancing
+    Strategy for Mixture-of-Experts (2024).
 """
 
 import keras
@@ -26,7 +30,9 @@ from keras_moe.layers import _validation as check
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.layers.routers import TopKRouter
 
-__all__ = ["upcycle"]
+__all__ = ["add_experts", "upcycle"]
+
+ADD_EXPERTS_INITS = ("copy", "random")
 
 _LINEAR = (None, keras.activations.linear)
 
@@ -155,3 +161,156 @@ def upcycle(ffn, num_experts, k=2, **kwargs):
             bias = layer.bias if layer.use_bias else np.zeros((size,), "float32")
             variable.assign(copies(bias))
     return moe
+
+
+def _relative(variable, layer):
+    """A variable's path below `layer` (e.g. `experts/kernel_in`)."""
+    prefix = f"{layer.path}/"
+    path = variable.path
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def add_experts(moe, num_new, bias_update_rate=None, init="copy"):
+    """A copy of a trained `SparseMoE` with `num_new` more experts, whose
+    outputs at insertion are the old layer's.
+
+    The new experts are kept out of the routing at first by the
+    auxiliary-loss-free selection bias of `TopKRouter` (Wang et al. 2024):
+    selection ranks `s_e + beta_e`, with scores `s` in `[0, 1]`, and the
+    new experts start with `beta_new = min(beta_old) - 2`, so no token picks
+    them. The combine weights are the scores of the chosen experts,
+    renormalised. Sigmoid scores do not change with the new columns.
+    Softmax scores of the old experts shrink by a per-token factor, but
+    their ratios do not, so the weights are unchanged. The selection, which
+    ranks `s + beta`, is unchanged only if the old experts' biases are all
+    equal, e.g. before the bias has moved; a softmax router whose biases
+    differ raises a `ValueError`. So every token's output is what it was.
+    In training, a new expert's
+    bias rises by `bias_update_rate` per step while it gets no tokens (the
+    rule that balances every expert), so after about
+    `(max(beta) - min(beta) + 2) / bias_update_rate` steps the new experts
+    start to receive tokens and train.
+
+    The outputs are unchanged when no token is dropped: always in a
+    dropless call (the inference default). With a capacity, `C` depends on
+    `E`. The load-balancing loss is computed over the new `E` and changes.
+
+    Args:
+        moe: a built `SparseMoE` routed by a `TopKRouter` whose top-`k`
+            weights are renormalised (`k > 1`, `renormalize="always"`, or
+            sigmoid scores). A softmax Switch router (`k = 1`, raw
+            probability) would change every output. A softmax router's
+            selection biases must be equal.
+        num_new: how many experts to add (>= 1).
+        bias_update_rate: the router's `bias_update_rate` in the new layer;
+            default: the router's own, which must then be > 0 (otherwise
+            the new experts would never be picked).
+        init: the new experts' weights: `"copy"` (default; new expert `i`
+            copies old expert `i mod E`, as upcycling does) or `"random"`
+            (the bank's initializers). The router's new columns are always
+            freshly initialised.
+
+    Returns:
+        A new built `SparseMoE` (the old layer is unchanged) with
+        `E + num_new` experts and the old weights.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras.ops import convert_to_numpy
+    >>> from keras_moe.layers import SparseMoE, TopKRouter
+    >>> moe = SparseMoE(4, 8, capacity_factor=None,
+    ...                 router=TopKRouter(4, k=2, bias_update_rate=0.01))
+    >>> x = np.random.rand(2, 3, 6).astype("float32")
+    >>> before = convert_to_numpy(moe(x))
+    >>> bigger = add_experts(moe, 2)
+    >>> bigger.num_experts, bool(np.allclose(convert_to_numpy(bigger(x)), before, atol=1e-6))
+    (6, True)
+    """
+    if not isinstance(moe, SparseMoE) or not moe.built:
+        raise ValueError(f"add_experts needs a built SparseMoE. Received: moe={moe!r}")
+    num_new = check.positive_int("num_new", num_new)
+    init = check.one_of("init", init, ADD_EXPERTS_INITS)
+    router = moe.router
+    if type(router) is not TopKRouter:
+        raise ValueError(
+            "add_experts keeps new experts out of the routing with "
+            "TopKRouter's selection bias. Received: router="
+            f"{type(router).__name__}"
+        )
+    rate = router.bias_update_rate if bias_update_rate is None else (
+        check.positive_float("bias_update_rate", bias_update_rate)
+    )
+    if not rate:
+        raise ValueError(
+            "The new experts enter the routing through the router's "
+            "selection bias, which moves only with bias_update_rate > 0. "
+            "Received: router.bias_update_rate=0.0; pass bias_update_rate"
+        )
+    renormalized = router.score_function == "sigmoid" or router.renormalize == "always" or (
+        router.renormalize and router.k > 1
+    )
+    if not renormalized:
+        raise ValueError(
+            "With unrenormalised softmax weights every output would change "
+            "(each weight is a probability over all experts). Received: "
+            f"k={router.k}, renormalize={router.renormalize!r}; use "
+            "renormalize='always'"
+        )
+    if moe.experts.quantization_mode is not None:
+        raise ValueError("add_experts needs float expert banks, not int8 ones.")
+    old_bias = (
+        np.asarray(ops.convert_to_numpy(router.selection_bias))
+        if router.selection_bias is not None
+        else np.zeros((moe.num_experts,), "float32")
+    )
+    if router.score_function == "softmax" and np.ptp(old_bias) > 0:
+        raise ValueError(
+            "New softmax columns shrink every old score by a per-token "
+            "factor, which reorders s + beta when the old experts' selection "
+            "biases differ, so some outputs would change. Received: "
+            f"selection_bias={old_bias.tolist()}; add experts before the "
+            "bias moves, or use score_function='sigmoid'"
+        )
+
+    old_e = moe.num_experts
+    new_e = old_e + num_new
+    router_config = dict(
+        router.get_config(), num_experts=new_e, bias_update_rate=rate
+    )
+    config = moe.get_config()
+    for name in ("noisy_gating", "load_balance_weight", "z_loss_weight",
+                 "router_kernel_initializer", "router"):
+        config.pop(name, None)
+    config.update(num_experts=new_e, router=TopKRouter.from_config(router_config))
+    bigger = SparseMoE.from_config(config)
+    d = moe.experts.kernel_in.shape[1]
+    bigger.build((None, d))
+
+    old_variables = {_relative(v, moe): v for v in moe.variables}
+    expert_banks = ("experts/",)
+    for variable in bigger.variables:
+        key = _relative(variable, bigger)
+        if key not in old_variables:
+            continue
+        value = np.asarray(ops.convert_to_numpy(old_variables[key]))
+        fresh = np.asarray(ops.convert_to_numpy(variable))
+        for axis, (a, b) in enumerate(zip(value.shape, fresh.shape)):
+            if a == b:
+                continue
+            if (a, b) != (old_e, new_e):
+                raise ValueError(
+                    f"Cannot grow {variable.path}: {value.shape} -> {fresh.shape}"
+                )
+            if init == "copy" and key.startswith(expert_banks):
+                extra = np.take(value, np.arange(num_new) % old_e, axis=axis)
+            else:
+                extra = np.take(fresh, np.arange(old_e, new_e), axis=axis)
+            value = np.concatenate([value, extra], axis=axis)
+        variable.assign(value)
+    bigger.router.selection_bias.assign(
+        np.concatenate([old_bias, np.full((num_new,), old_bias.min() - 2.0)]).astype(
+            "float32"
+        )
+    )
+    return bigger

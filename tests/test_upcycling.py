@@ -86,3 +86,59 @@ def test_activations_docstring_examples():
 
     result = doctest.testmod(activations, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------- add_experts
+
+X = np.random.default_rng(5).normal(size=(3, 4, D)).astype("float32")
+
+
+def trained_moe(**router_options):
+    moe = SparseMoE(4, H, capacity_factor=None, block_size=4,
+                    router=TopKRouter(4, **router_options))
+    moe.build((None, D))
+    rng = np.random.default_rng(0)
+    for variable in moe.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.5)
+    return moe
+
+
+@pytest.mark.parametrize("init,scores", [("copy", "sigmoid"), ("random", "softmax")])
+def test_added_experts_leave_the_outputs_unchanged(init, scores):
+    from keras_moe.upcycling import add_experts
+
+    moe = trained_moe(k=2, bias_update_rate=0.05, score_function=scores)
+    if scores == "sigmoid":
+        moe(X, training=True)  # selection biases that differ, carried over
+        assert np.ptp(ops.convert_to_numpy(moe.router.selection_bias)) > 0
+    expected = ops.convert_to_numpy(moe(X))
+    bigger = add_experts(moe, 2, init=init)
+    assert bigger.num_experts == 6 and moe.num_experts == 4
+    for training in (False, True):
+        got, routing = bigger(X, training=training, return_routing=True)
+        np.testing.assert_allclose(ops.convert_to_numpy(got), expected, atol=1e-6, rtol=0)
+        assert ops.convert_to_numpy(routing["expert_index"]).max() < 4
+    kernel = ops.convert_to_numpy(bigger.experts.kernel_in)
+    old = ops.convert_to_numpy(moe.experts.kernel_in)
+    np.testing.assert_array_equal(kernel[:4], old)
+    assert np.array_equal(kernel[4:], old[:2]) == (init == "copy")
+    # The training call raised the unused new experts' bias by the rate.
+    bias = ops.convert_to_numpy(bigger.router.selection_bias)
+    before = ops.convert_to_numpy(moe.router.selection_bias).min() - 2.0
+    np.testing.assert_allclose(bias[4:], before + 0.05, atol=1e-6)
+
+
+def test_add_experts_needs_a_moving_bias_and_renormalised_weights():
+    from keras_moe.upcycling import add_experts
+
+    with pytest.raises(ValueError, match="bias_update_rate=0.0"):
+        add_experts(trained_moe(k=2), 1)
+    assert add_experts(trained_moe(k=2), 1, bias_update_rate=0.01).num_experts == 5
+    with pytest.raises(ValueError, match="k=1, renormalize=True"):
+        add_experts(trained_moe(k=1, bias_update_rate=0.01), 1)
+    with pytest.raises(ValueError, match="num_new=0"):
+        add_experts(trained_moe(k=2, bias_update_rate=0.01), 0)
+    moved = trained_moe(k=2, bias_update_rate=0.01)
+    moved(X, training=True)
+    with pytest.raises(ValueError, match="selection_bias="):
+        add_experts(moved, 1)
