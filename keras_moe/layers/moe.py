@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe.distribution import constrain, has_tensor_layout
@@ -14,11 +15,13 @@ DISPATCH_MODES = ("sparse", "dense")
 SHARED_EXPERT_GATES = ("sigmoid",)
 
 
-def _is_float(value):
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-        dtype = ops.convert_to_tensor(value).dtype
-    return "float" in keras.backend.standardize_dtype(dtype)
+def _full_rank(value, shape):
+    """Whether `routing_inputs` has the inputs' rank: then it is the router's
+    inputs `(..., d)`, not ids (ids have one dimension fewer, at least)."""
+    value_shape = getattr(value, "shape", None)
+    if value_shape is None:
+        value_shape = np.shape(value)
+    return len(value_shape) == len(shape)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -115,7 +118,7 @@ class SparseMoE(keras.layers.Layer):
             `capacity`, `expert_load`, `dropped_fraction`).
         routing_inputs: extra routing input for routers that need one
             (token ids for `HashRouter`, task ids for `TaskRouter`): one id
-            per token (`inputs.shape[:-1]`) or per example (`(B,)`). A float
+            per token (`inputs.shape[:-1]`) or per example (`(B,)`). A
             tensor of the inputs' shape `(..., d)` is instead what the router
             sees in place of `inputs` (the experts, and the shared experts'
             gates, still see `inputs`): Gemma 4 routes the raw hidden states
@@ -377,7 +380,7 @@ class SparseMoE(keras.layers.Layer):
         return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
 
     def _router_tokens(self, routing_inputs, shape):
-        """Float `routing_inputs` `(..., d)` as the router's `(N, d)` tokens."""
+        """`routing_inputs` `(..., d)` as the router's `(N, d)` tokens."""
         routing_inputs = ops.cast(routing_inputs, self.compute_dtype)
         given, expected = tuple(routing_inputs.shape), tuple(shape)
         if len(given) != len(expected) or any(
@@ -385,8 +388,8 @@ class SparseMoE(keras.layers.Layer):
             for a, b in zip(given, expected)
         ):
             raise ValueError(
-                f"{self.name}: float routing_inputs are the router's inputs "
-                "and must have the shape of the inputs. Received: "
+                f"{self.name}: routing_inputs of the inputs' rank are the "
+                "router's inputs and must have the shape of the inputs. Received: "
                 f"routing_inputs shape {given}, inputs shape {expected}"
             )
         return ops.reshape(routing_inputs, (-1, ops.shape(routing_inputs)[-1]))
@@ -412,7 +415,7 @@ class SparseMoE(keras.layers.Layer):
         tokens = ops.reshape(inputs, (-1, d))
         num_tokens = ops.shape(tokens)[0]
         router_tokens = tokens
-        if routing_inputs is not None and _is_float(routing_inputs):
+        if routing_inputs is not None and _full_rank(routing_inputs, shape):
             router_tokens = self._router_tokens(routing_inputs, shape)
             routing_inputs = None
         if routing_inputs is not None:
