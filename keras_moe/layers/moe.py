@@ -34,6 +34,10 @@ class SparseMoE(keras.layers.Layer):
 
     `y(x) = sum_{j=1..k} keep_j(x) * w_j(x) * FFN_{e_j(x)}(x)`
 
+    plus, with `S` shared experts, `sum_{s=1..S} g_s(x) * FFN_s(x)`, where
+    `g_s = 1` or, with `shared_expert_gate="sigmoid"`,
+    `g_s = sigmoid(x w_s)` (Qwen-MoE).
+
     With a capacity factor `c`, expert `e` holds at most
     `C = ceil(k N / E * c)` of the `N` tokens of a call; an assignment beyond
     that is dropped (`keep = 0`, the token's other choices still count;
