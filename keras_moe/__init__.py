@@ -6,11 +6,12 @@ and PyTorch.
 
 __version__ = "0.1.0"
 
-from keras_moe import callbacks, layers, ops  # noqa: E402
+from keras_moe import activations, callbacks, layers, ops  # noqa: E402
 from keras_moe import boxes, losses, metrics  # noqa: E402
 from keras_moe import models, weighting  # noqa: E402
 from keras_moe import distribution  # noqa: E402
 from keras_moe import compression  # noqa: E402
+from keras_moe import interop, upcycling  # noqa: E402  (no keras_hub import)
 
 
 def __getattr__(name):
@@ -24,16 +25,19 @@ def __getattr__(name):
 
 
 __all__ = [
+    "activations",
     "boxes",
     "callbacks",
     "distribution",
     "export_onnx",
     "export_saved_model",
+    "interop",
     "layers",
     "losses",
     "metrics",
     "models",
     "ops",
+    "upcycling",
     "weighting",
     "__version__",
 ]

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe import activations
 from keras_moe.layers import _validation as check
 from keras_moe.ops.dropless import gather_experts
 
@@ -121,6 +122,19 @@ class Experts(keras.layers.Layer):
     run in one `einsum("ecd,edh->ech")`, so the cost is that of the tokens in
     the buffers, whatever `E`.
 
+    Two options of the GLU (both off by default) give GPT-OSS's clamped
+    GLU: with `glu_limit=L` the gate branch is clamped from above and the
+    linear branch on both sides, and `glu_linear_offset=c` is added to the
+    linear branch:
+
+    `g = min(x Wg + bg, L)`, `u = clip(x W1 + b1, -L, L)`,
+    `y = (act(g) * (u + c)) W2 + b2`
+
+    (GPT-OSS: `L = 7`, `c = 1`, `activation="quick_gelu"`, i.e.
+    `act(g) = g sigmoid(1.702 g)`). With `output_scale=True` each expert's
+    output is multiplied by its own learned scalar `s[e]` (initialised to
+    1; Gemma 4's per-expert scale): `y[e] = s[e] (... W2[e] + b2[e])`.
+
     int8: `layer.quantize("int8")` (or `model.quantize("int8")`, which
     reaches every bank of every MoE layer) replaces each kernel `W (E, i, o)`
     by int8 values `q` and float32 scales `s (E, o)`, one per expert and
@@ -139,8 +153,18 @@ class Experts(keras.layers.Layer):
         num_experts: `E`, the number of experts.
         hidden_dim: `h`, the hidden width of each expert.
         output_dim: `o`, the output width; defaults to the input width `d`.
-        activation: the hidden activation (any Keras activation).
+        activation: the hidden activation (any Keras activation, or
+            `"gelu_approximate"` / `"quick_gelu"` from
+            `keras_moe.activations`).
         gated: use the gated (GLU) variant.
+        glu_limit: `None` (default) or a number `L > 0`: clamp the gate
+            branch to `<= L` and the linear branch to `[-L, L]` before they
+            are multiplied (needs `gated=True`).
+        glu_linear_offset: a number `c` added to the linear branch of the
+            GLU, `act(g) * (u + c)` (default 0; needs `gated=True` when not
+            0).
+        output_scale: learn one output scale per expert (`(E,)`,
+            initialised to ones; default False).
         use_bias: add biases.
         kernel_initializer: initializer of the kernels. Fan-based
             initializers use the fans of one expert (`d`, `h`).
@@ -188,6 +212,9 @@ class Experts(keras.layers.Layer):
         kernel_regularizer=None,
         bias_regularizer=None,
         quantization_config=None,
+        glu_limit=None,
+        glu_linear_offset=0.0,
+        output_scale=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -203,8 +230,21 @@ class Experts(keras.layers.Layer):
                 quantization_config
             )
         self.quantization_config = quantization_config
-        self.activation = keras.activations.get(activation)
+        self.activation = activations.get(activation)
         self.gated = bool(gated)
+        self.glu_limit = (
+            None if glu_limit is None else check.positive_float("glu_limit", glu_limit)
+        )
+        self.glu_linear_offset = check.finite_float(
+            "glu_linear_offset", glu_linear_offset
+        )
+        if not self.gated and (self.glu_limit is not None or self.glu_linear_offset):
+            raise ValueError(
+                "glu_limit and glu_linear_offset apply to the GLU and need "
+                f"gated=True. Received: glu_limit={glu_limit!r}, "
+                f"glu_linear_offset={glu_linear_offset!r}, gated={gated!r}"
+            )
+        self.output_scale = bool(output_scale)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -266,6 +306,20 @@ class Experts(keras.layers.Layer):
             self.bias_out = bias("bias_out", (e, o))
         else:
             self.bias_in = self.bias_gate = self.bias_out = None
+        self.expert_scale = (
+            self.add_weight(name="expert_scale", shape=(e,), initializer="ones")
+            if self.output_scale
+            else None
+        )
+
+    def _glu(self, gate, hidden):
+        """`act(gate) * hidden` with the GLU options (clamp, offset)."""
+        if self.glu_limit is not None:
+            gate = ops.minimum(gate, self.glu_limit)
+            hidden = ops.clip(hidden, -self.glu_limit, self.glu_limit)
+        if self.glu_linear_offset:
+            hidden = hidden + self.glu_linear_offset
+        return self.activation(gate) * hidden
 
     def call(self, inputs):
         hidden = ops.einsum("ecd,edh->ech", inputs, self.kernel_in)
@@ -275,12 +329,14 @@ class Experts(keras.layers.Layer):
             gate = ops.einsum("ecd,edh->ech", inputs, self.kernel_gate)
             if self.use_bias:
                 gate = gate + self.bias_gate[:, None, :]
-            hidden = self.activation(gate) * hidden
+            hidden = self._glu(gate, hidden)
         else:
             hidden = self.activation(hidden)
         outputs = ops.einsum("ech,eho->eco", hidden, self.kernel_out)
         if self.use_bias:
             outputs = outputs + self.bias_out[:, None, :]
+        if self.output_scale:
+            outputs = outputs * self.expert_scale[:, None, None]
         return outputs
 
     def call_blocks(self, rows, block_expert, block_size):
@@ -293,6 +349,9 @@ class Experts(keras.layers.Layer):
         rows, whatever `E`:
 
         `y[b] = act(x[b] W1[e_b] + b1[e_b]) W2[e_b] + b2[e_b]`
+
+        (or the gated form, with the same GLU options and output scale as
+        `call`, so both paths compute the same function).
 
         Args:
             rows: `(R, d)`, `R` a multiple of `block_size`.
@@ -322,12 +381,14 @@ class Experts(keras.layers.Layer):
             gate = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_gate))
             if self.use_bias:
                 gate = gate + weights(self.bias_gate)[:, None, :]
-            hidden = self.activation(gate) * hidden
+            hidden = self._glu(gate, hidden)
         else:
             hidden = self.activation(hidden)
         outputs = ops.einsum("nbh,nho->nbo", hidden, weights(self.kernel_out))
         if self.use_bias:
             outputs = outputs + weights(self.bias_out)[:, None, :]
+        if self.output_scale:
+            outputs = outputs * weights(self.expert_scale)[:, None, None]
         return ops.reshape(outputs, (-1, ops.shape(outputs)[-1]))
 
     def compute_output_shape(self, input_shape):
@@ -341,8 +402,11 @@ class Experts(keras.layers.Layer):
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
             output_dim=self.output_dim,
-            activation=keras.activations.serialize(self.activation),
+            activation=activations.serialize(self.activation),
             gated=self.gated,
+            glu_limit=self.glu_limit,
+            glu_linear_offset=self.glu_linear_offset,
+            output_scale=self.output_scale,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer
@@ -509,17 +573,20 @@ class Experts(keras.layers.Layer):
             gate = self._int8_matmul(inputs, "kernel_gate")
             if self.use_bias:
                 gate = gate + self.bias_gate[:, None, :]
-            hidden = self.activation(gate) * hidden
+            hidden = self._glu(gate, hidden)
         else:
             hidden = self.activation(hidden)
         outputs = self._int8_matmul(hidden, "kernel_out")
         if self.use_bias:
             outputs = outputs + self.bias_out[:, None, :]
+        if self.output_scale:
+            outputs = outputs * self.expert_scale[:, None, None]
         return outputs
 
     def _int8_variable_names(self):
         kernels = self._kernel_names()
-        return kernels + self._bias_names() + [f"{n}_scale" for n in kernels]
+        names = kernels + self._bias_names() + [f"{n}_scale" for n in kernels]
+        return names + (["expert_scale"] if self.output_scale else [])
 
     def save_own_variables(self, store):
         if not self.built or self.quantization_mode is None:

@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe.distribution import constrain, has_tensor_layout
@@ -12,6 +13,16 @@ from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
 
 DISPATCH_MODES = ("sparse", "dense")
+SHARED_EXPERT_GATES = ("sigmoid",)
+
+
+def _full_rank(value, shape):
+    """Whether `routing_inputs` has the inputs' rank: then it is the router's
+    inputs `(..., d)`, not ids (ids have one dimension fewer, at least)."""
+    value_shape = getattr(value, "shape", None)
+    if value_shape is None:
+        value_shape = np.shape(value)
+    return len(value_shape) == len(shape)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -23,6 +34,10 @@ class SparseMoE(keras.layers.Layer):
     weights:
 
     `y(x) = sum_{j=1..k} keep_j(x) * w_j(x) * FFN_{e_j(x)}(x)`
+
+    plus, with `S` shared experts, `sum_{s=1..S} g_s(x) * FFN_s(x)`, where
+    `g_s = 1` or, with `shared_expert_gate="sigmoid"`,
+    `g_s = sigmoid(x w_s)` (Qwen-MoE).
 
     With a capacity factor `c`, expert `e` holds at most
     `C = ceil(k N / E * c)` of the `N` tokens of a call; an assignment beyond
@@ -66,13 +81,27 @@ class SparseMoE(keras.layers.Layer):
         dispatch: `"sparse"` or `"dense"`.
         block_size: rows per block of the dropless path; `None` (default)
             picks one per shape (`keras_moe.ops.default_block_size`).
-        activation: expert activation.
+        activation: expert activation (a Keras activation, or
+            `"gelu_approximate"` / `"quick_gelu"`, see
+            `keras_moe.activations`).
         gated: gated (GLU) experts; with `activation="silu"`, SwiGLU.
         use_bias: biases in the experts.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer: passed to `Experts`.
+        glu_limit, glu_linear_offset: the clamped GLU of GPT-OSS, passed to
+            `Experts` (default: off).
+        output_scale: a learned output scale per expert (`Experts`;
+            default False).
         num_shared_experts: experts that every token uses, added to the
             routed mixture (DeepSeekMoE, Dai et al. 2024); default 0.
+        shared_hidden_dim: hidden width of the shared experts (default
+            `hidden_dim`).
+        shared_expert_gate: `None` (default: shared experts are added as
+            they are) or `"sigmoid"`: shared expert `s` is weighted by its
+            own gate `sigmoid(x w_s)`, `w_s` a learned `(d,)` vector
+            (`shared_gate_kernel`, `(d, S)`, no bias, initialised and
+            regularised like the expert kernels), as in Qwen-MoE:
+            `y = routed(x) + sum_s sigmoid(x w_s) FFN_s(x)`.
         router: a router layer (see `keras_moe.layers.routers`), e.g.
             `TopKRouter(num_experts, k=1, batch_prioritized=True)`. Default:
             a `TopKRouter` built from `k` and the options below, which are
@@ -94,7 +123,11 @@ class SparseMoE(keras.layers.Layer):
             `capacity`, `expert_load`, `dropped_fraction`).
         routing_inputs: extra routing input for routers that need one
             (token ids for `HashRouter`, task ids for `TaskRouter`): one id
-            per token (`inputs.shape[:-1]`) or per example (`(B,)`).
+            per token (`inputs.shape[:-1]`) or per example (`(B,)`). A
+            tensor of the inputs' shape `(..., d)` is instead what the router
+            sees in place of `inputs` (the experts, and the shared experts'
+            gates, still see `inputs`): Gemma 4 routes the raw hidden states
+            and feeds its experts normalised ones.
         mask: bool `inputs.shape[:-1]`, False for padding; Keras passes the
             mask of the inputs (e.g. of `Embedding(mask_zero=True)`) by
             itself when the layer is called on one tensor (with
@@ -136,7 +169,12 @@ class SparseMoE(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        glu_limit=None,
+        glu_linear_offset=0.0,
+        output_scale=False,
         num_shared_experts=0,
+        shared_hidden_dim=None,
+        shared_expert_gate=None,
         router=None,
         noisy_gating=None,
         load_balance_weight=None,
@@ -161,6 +199,28 @@ class SparseMoE(keras.layers.Layer):
         self.num_shared_experts = check.non_negative_int(
             "num_shared_experts", num_shared_experts
         )
+        self.shared_hidden_dim = (
+            None
+            if shared_hidden_dim is None
+            else check.positive_int("shared_hidden_dim", shared_hidden_dim)
+        )
+        self.shared_expert_gate = (
+            None
+            if shared_expert_gate is None
+            else check.one_of(
+                "shared_expert_gate", shared_expert_gate, SHARED_EXPERT_GATES
+            )
+        )
+        if not self.num_shared_experts and (
+            self.shared_hidden_dim is not None or self.shared_expert_gate is not None
+        ):
+            raise ValueError(
+                "shared_hidden_dim and shared_expert_gate configure shared "
+                "experts and need num_shared_experts >= 1. Received: "
+                f"num_shared_experts={num_shared_experts!r}, "
+                f"shared_hidden_dim={shared_hidden_dim!r}, "
+                f"shared_expert_gate={shared_expert_gate!r}"
+            )
         self.seed = seed
         router_args = dict(
             noisy_gating=noisy_gating,
@@ -201,6 +261,9 @@ class SparseMoE(keras.layers.Layer):
             output_dim=self.output_dim,
             activation=activation,
             gated=gated,
+            glu_limit=glu_limit,
+            glu_linear_offset=glu_linear_offset,
+            output_scale=output_scale,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -215,7 +278,7 @@ class SparseMoE(keras.layers.Layer):
             Experts(
                 num_experts=self.num_shared_experts,
                 name="shared_experts",
-                **expert_args,
+                **dict(expert_args, hidden_dim=self.shared_hidden_dim or hidden_dim),
             )
             if self.num_shared_experts
             else None
@@ -229,6 +292,16 @@ class SparseMoE(keras.layers.Layer):
         self.experts.build((self.num_experts, None, d))
         if self.shared_experts is not None:
             self.shared_experts.build((self.num_shared_experts, None, d))
+        self.shared_gate_kernel = (
+            self.add_weight(
+                name="shared_gate_kernel",
+                shape=(d, self.num_shared_experts),
+                initializer=self.experts.kernel_initializer,
+                regularizer=self.experts.kernel_regularizer,
+            )
+            if self.shared_expert_gate and self.num_shared_experts
+            else None
+        )
 
         for name, shape in (
             ("expert_load", (self.num_experts,)),
@@ -368,6 +441,32 @@ class SparseMoE(keras.layers.Layer):
             mask = ops.not_equal(mask, 0)
         return ops.reshape(mask, (-1,))
 
+    def _router_tokens(self, routing_inputs, shape):
+        """`routing_inputs` `(..., d)` as the router's `(N, d)` tokens."""
+        routing_inputs = ops.cast(routing_inputs, self.compute_dtype)
+        given, expected = tuple(routing_inputs.shape), tuple(shape)
+        if len(given) != len(expected) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(given, expected)
+        ):
+            raise ValueError(
+                f"{self.name}: routing_inputs of the inputs' rank are the "
+                "router's inputs and must have the shape of the inputs. Received: "
+                f"routing_inputs shape {given}, inputs shape {expected}"
+            )
+        return ops.reshape(routing_inputs, (-1, ops.shape(routing_inputs)[-1]))
+
+    def _shared_outputs(self, tokens):
+        """The shared experts' `(N, o)` sum, each gated if so configured."""
+        shared_in = ops.broadcast_to(
+            tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
+        )
+        shared = self.shared_experts(shared_in)  # (S, N, o)
+        if self.shared_gate_kernel is not None:
+            gates = ops.sigmoid(ops.matmul(tokens, self.shared_gate_kernel))
+            shared = shared * ops.transpose(gates)[:, :, None]
+        return ops.sum(shared, axis=0)
+
     def call(
         self,
         inputs,
@@ -384,6 +483,10 @@ class SparseMoE(keras.layers.Layer):
         d = shape[-1]
         tokens = ops.reshape(inputs, (-1, d))
         num_tokens = ops.shape(tokens)[0]
+        router_tokens = tokens
+        if routing_inputs is not None and _full_rank(routing_inputs, shape):
+            router_tokens = self._router_tokens(routing_inputs, shape)
+            routing_inputs = None
         if routing_inputs is not None:
             routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
         valid = self._token_mask(mask, inputs)
@@ -391,8 +494,11 @@ class SparseMoE(keras.layers.Layer):
             # Masked tokens enter no computation (a select, so NaN or Inf
             # padding reaches no output and no gradient, its own included).
             tokens = ops.where(valid[:, None], tokens, ops.zeros_like(tokens))
+            router_tokens = ops.where(
+                valid[:, None], router_tokens, ops.zeros_like(router_tokens)
+            )
         routing, plan, selected = self._route(
-            tokens, num_tokens, training, routing_inputs, valid
+            router_tokens, num_tokens, training, routing_inputs, valid
         )
         weights = routing["combine_weights"]
         if isinstance(plan, dropless_ops.BlockPlan):
@@ -418,10 +524,7 @@ class SparseMoE(keras.layers.Layer):
                 "ne,eno->no", ops.cast(gates, expert_outputs.dtype), expert_outputs
             )
         if self.shared_experts is not None:
-            shared_in = ops.broadcast_to(
-                tokens[None], (self.num_shared_experts,) + tuple(ops.shape(tokens))
-            )
-            outputs = outputs + ops.sum(self.shared_experts(shared_in), axis=0)
+            outputs = outputs + self._shared_outputs(tokens)
         if valid is not None:  # masked tokens output zeros (select: no NaN)
             outputs = ops.where(valid[:, None], outputs, ops.zeros_like(outputs))
         outputs = ops.reshape(outputs, tuple(shape[:-1]) + (ops.shape(outputs)[-1],))
@@ -504,7 +607,12 @@ class SparseMoE(keras.layers.Layer):
             dispatch=self.dispatch,
             block_size=self.block_size,
             **expert_options_config(self.experts),
+            glu_limit=self.experts.glu_limit,
+            glu_linear_offset=self.experts.glu_linear_offset,
+            output_scale=self.experts.output_scale,
             num_shared_experts=self.num_shared_experts,
+            shared_hidden_dim=self.shared_hidden_dim,
+            shared_expert_gate=self.shared_expert_gate,
             seed=self.seed,
         )
         if self.custom_router:

@@ -58,6 +58,7 @@ def default_router_initializer():
 
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+INPUT_NORMS = ("rms",)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -65,9 +66,16 @@ class TopKRouter(keras.layers.Layer):
     """Token-choice top-k router: noisy top-k, Switch, V-MoE and DeepSeek-V3
     routing and every balancing method for them, behind one layer.
 
-    For a token `x` with router logits `l = x W_r (+ b)` (plus, in training
+    For a token `x` with router logits `l = x' W_r (+ b)` (plus, in training
     with `noisy_gating=True`, the learned noise `eps * softplus(x W_noise)`,
-    `eps ~ N(0, 1)`), the scores are `s = softmax(l)` (default) or
+    `eps ~ N(0, 1)`), where `x' = x` by default or, with the input options,
+
+    `x' = rms(x) * m * a`,  `rms(x) = x / sqrt(mean(x^2) + epsilon)`
+
+    (`input_norm="rms"`: a parameter-free RMS normalisation; `m =
+    input_multiplier`, a constant; `a` a learned per-feature scale `(d,)`,
+    initialised to ones, with `learned_input_scale=True`; Gemma 4 uses all
+    three with `m = d^-0.5`), the scores are `s = softmax(l)` (default) or
     `s = sigmoid(l)` (`score_function="sigmoid"`, DeepSeek-V3). Then
 
     `I = top_k(s + beta)`, `w_j = s_{I_j} / sum_{i in I} s_i`
@@ -112,6 +120,14 @@ class TopKRouter(keras.layers.Layer):
             Qwen-MoE blocks), `False` never.
         batch_prioritized: order the tokens by top-1 score for capacity.
         use_bias: add a (trainable) bias to the router logits.
+        input_norm: `None` (default) or `"rms"`: normalise the router's
+            input by its root mean square (no learned parameters).
+        input_norm_epsilon: the `epsilon` of `input_norm` (default 1e-6).
+        input_multiplier: a constant `m` the router's input is multiplied
+            by (after `input_norm`; default 1.0).
+        learned_input_scale: multiply the router's input by a learned
+            per-feature scale (`input_scale`, `(d,)`, initialised to ones;
+            default False).
         load_balance_weight: weight of the Switch load-balancing loss.
         importance_weight: weight of the importance CV^2 loss.
         load_weight: weight of the (noisy) load CV^2 loss.
@@ -173,6 +189,10 @@ class TopKRouter(keras.layers.Layer):
         kernel_initializer=None,
         kernel_regularizer=None,
         seed=None,
+        input_norm=None,
+        input_norm_epsilon=1e-6,
+        input_multiplier=1.0,
+        learned_input_scale=False,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -192,6 +212,16 @@ class TopKRouter(keras.layers.Layer):
         self.renormalize = renormalize if renormalize == "always" else bool(renormalize)
         self.batch_prioritized = bool(batch_prioritized)
         self.use_bias = bool(use_bias)
+        self.input_norm = None if input_norm is None else check.one_of(
+            "input_norm", input_norm, INPUT_NORMS
+        )
+        self.input_norm_epsilon = check.positive_float(
+            "input_norm_epsilon", input_norm_epsilon
+        )
+        self.input_multiplier = check.finite_float(
+            "input_multiplier", input_multiplier
+        )
+        self.learned_input_scale = bool(learned_input_scale)
         for name, value in (
             ("load_balance_weight", load_balance_weight),
             ("importance_weight", importance_weight),
@@ -234,6 +264,11 @@ class TopKRouter(keras.layers.Layer):
             if self.noisy_gating
             else None
         )
+        self.input_scale = (
+            self.add_weight(name="input_scale", shape=(d,), initializer="ones")
+            if self.learned_input_scale
+            else None
+        )
         self.selection_bias = (
             self.add_weight(
                 name="selection_bias",
@@ -247,9 +282,22 @@ class TopKRouter(keras.layers.Layer):
             else None
         )
 
+    def router_inputs(self, inputs):
+        """`x'`: the inputs in the router's dtype, normalised and scaled as
+        the input options say (the identity by default)."""
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.input_norm == "rms":
+            mean_square = ops.mean(ops.square(x), axis=-1, keepdims=True)
+            x = x * ops.power(mean_square + self.input_norm_epsilon, -0.5)
+        if self.input_multiplier != 1.0:
+            x = x * self.input_multiplier
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        return x
+
     def compute_logits(self, inputs, training=False):
         """Returns `(clean logits, noisy logits or None, noise std or None)`."""
-        x = ops.cast(inputs, self.compute_dtype)
+        x = self.router_inputs(inputs)
         logits = ops.matmul(x, self.kernel)
         if self.use_bias:
             logits = logits + self.bias
@@ -386,5 +434,9 @@ class TopKRouter(keras.layers.Layer):
                 self.kernel_regularizer
             ),
             seed=self.seed,
+            input_norm=self.input_norm,
+            input_norm_epsilon=self.input_norm_epsilon,
+            input_multiplier=self.input_multiplier,
+            learned_input_scale=self.learned_input_scale,
         )
         return config

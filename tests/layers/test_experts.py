@@ -21,12 +21,17 @@ def numpy_experts(layer, x):
             g = x[e] @ weights["kernel_gate"][e]
             if layer.use_bias:
                 g = g + weights["bias_gate"][e]
-            h = act(g) * h
+            if layer.glu_limit is not None:
+                g = np.minimum(g, layer.glu_limit)
+                h = np.clip(h, -layer.glu_limit, layer.glu_limit)
+            h = act(g) * (h + layer.glu_linear_offset)
         else:
             h = act(h)
         y = h @ weights["kernel_out"][e]
         if layer.use_bias:
             y = y + weights["bias_out"][e]
+        if layer.output_scale:
+            y = y * weights["expert_scale"][e]
         out.append(y)
     return np.stack(out)
 
@@ -99,3 +104,77 @@ def test_bad_inputs():
         Experts(2, 4)(np.ones((2, 5), "float32"))
     with pytest.raises(ValueError, match="num_experts=2"):
         Experts(2, 4)(np.ones((3, 5, 6), "float32"))
+
+
+# ------------------------------------------- issue 23: options of real models
+
+
+def test_layer_contract_with_the_clamped_glu_and_output_scale():
+    x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype("float32")
+    run_layer_test(
+        Experts,
+        dict(
+            num_experts=3,
+            hidden_dim=6,
+            activation="quick_gelu",
+            gated=True,
+            glu_limit=0.5,
+            glu_linear_offset=1.0,
+            output_scale=True,
+        ),
+        x,
+        expected_output_shape=(3, 4, 5),
+        expected_num_trainable_weights=7,  # 3 kernels, 3 biases, the scale
+    )
+
+
+def test_clamped_glu_and_output_scale_match_numpy_on_buffers_and_blocks():
+    # A small limit so that the clamp cuts both branches; the dropless
+    # block path (call_blocks) must compute the same function as call.
+    x = np.random.default_rng(1).normal(size=(3, 4, 5)).astype("float32")
+    layer = Experts(
+        3, 6, activation="gelu_approximate", gated=True, glu_limit=0.3,
+        glu_linear_offset=1.0, output_scale=True, bias_initializer="random_normal",
+    )
+    layer.build(x.shape)
+    layer.expert_scale.assign(np.array([0.5, 2.0, -1.0], "float32"))
+    expected = numpy_experts(layer, x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
+    rows = layer.call_blocks(x.reshape(12, 5), np.array([0, 1, 2], "int32"), 4)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(rows).reshape(3, 4, -1), expected, atol=1e-5
+    )
+
+
+def test_named_activations():
+    from keras_moe import activations
+
+    x = np.linspace(-3, 3, 7).astype("float32")
+    for name, expected in (
+        ("gelu_approximate", keras.activations.gelu(x, approximate=True)),
+        ("quick_gelu", x / (1 + np.exp(-1.702 * x))),
+    ):
+        layer = Experts(2, 3, activation=name)
+        assert layer.get_config()["activation"] == name
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer.activation(x)),
+            keras.ops.convert_to_numpy(expected),
+            atol=1e-6,
+        )
+        assert activations.get(name) is layer.activation
+    assert Experts(2, 3, activation="gelu").get_config()["activation"] == "gelu"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(gated=True, glu_limit=0), "glu_limit=0"),
+        (dict(gated=True, glu_limit=float("inf")), "glu_limit=inf"),
+        (dict(glu_limit=7.0), "gated=True"),
+        (dict(glu_linear_offset=1.0), "gated=True"),
+        (dict(gated=True, glu_linear_offset=float("nan")), "glu_linear_offset=nan"),
+    ],
+)
+def test_bad_glu_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Experts(2, 4, **kwargs)

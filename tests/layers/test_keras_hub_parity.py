@@ -1,5 +1,7 @@
 """Real-model parity: keras-hub's Mixtral and Qwen3-MoE MoE blocks against a
-dropless `SparseMoE` holding the same weights (issue 21's acceptance test).
+dropless `SparseMoE` holding the same weights (issue 21's acceptance test),
+made by `keras_moe.interop.from_keras_hub` (issue 23; tests/test_interop.py
+covers the other blocks).
 
 keras-hub is a test-only dependency. Its metadata requires tensorflow-text,
 which pulls the full `tensorflow` next to our `tensorflow-cpu` (and also
@@ -52,7 +54,7 @@ keras_hub = pytest.importorskip(
 from keras_hub.src.models.mixtral import mixtral_decoder  # noqa: E402
 from keras_hub.src.models.qwen3_moe import qwen3_moe_decoder  # noqa: E402
 
-from keras_moe.layers import SparseMoE, TopKRouter  # noqa: E402
+from keras_moe import interop  # noqa: E402
 
 BATCH, SEQ, DIM, HIDDEN, EXPERTS = 2, 5, 16, 32, 8
 ATOL = 1e-5
@@ -162,41 +164,30 @@ def numpy_of(value):
 
 
 def make_pair(case, top_k, aux=True):
-    """The keras-hub block (wrapped) and a dropless SparseMoE with its
-    weights; both without auxiliary loss if not `aux`."""
+    """The keras-hub block (wrapped) and the dropless SparseMoE that
+    `keras_moe.interop.from_keras_hub` ports it to; both without auxiliary
+    loss if not `aux`."""
     factory, renormalize, aux_coef, mapping, _ = CASES[case]
     aux_coef = aux_coef if aux else 0.0
     block = factory(top_k, aux_coef)
     block.build((BATCH, SEQ, DIM))
-    moe = SparseMoE(
-        num_experts=EXPERTS,
-        hidden_dim=HIDDEN,
-        k=top_k,
-        capacity_factor=None,
-        eval_capacity_factor=None,
-        gated=True,
-        activation="silu",
-        use_bias=False,
-        router=TopKRouter(
-            EXPERTS,
-            k=top_k,
-            use_bias=False,
-            renormalize=renormalize,
-            load_balance_weight=aux_coef,
-        ),
-    )
-    moe.build((BATCH, SEQ, DIM))
-    assert moe.dispatch == "sparse" and moe.capacity_factor is None
     # Gaussian weights with 1 / fan-in variance: O(1) router logits (not the
     # near-uniform routing of a small initialiser) and O(1) outputs.
     rng = np.random.default_rng(7)
     for variable in block.weights:
         scale = variable.shape[-2] ** -0.5
         variable.assign(rng.normal(size=variable.shape).astype("float32") * scale)
+    moe = interop.from_keras_hub(block)
+    assert moe.dispatch == "sparse" and moe.capacity_factor is None
+    assert moe.k == top_k and moe.router.renormalize == renormalize
+    assert moe.router.load_balance_weight == aux_coef
+    # The port holds the block's weights, as the mapping reads them.
     weights = {name: numpy_of(value) for name, value in mapping(block).items()}
-    moe.router.kernel.assign(weights["router"])
+    np.testing.assert_array_equal(numpy_of(moe.router.kernel), weights["router"])
     for name in ("kernel_in", "kernel_gate", "kernel_out"):
-        getattr(moe.experts, name).assign(weights[name])
+        np.testing.assert_array_equal(
+            numpy_of(getattr(moe.experts, name)), weights[name]
+        )
     return OutputOnly(block), moe, mapping
 
 

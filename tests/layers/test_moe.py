@@ -385,3 +385,102 @@ def test_tiny_capacity_factor_keeps_one_row_per_expert():
                          return_routing=True)
         assert int(keras.ops.convert_to_numpy(routing["capacity"])) == 1
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(y)))
+
+
+# ------------------------------------------- issue 23: options of real models
+
+# One layer shape for these tests (on JAX each new shape compiles anew).
+X23 = tokens((3, 4, 5), seed=11)
+OPTIONS23 = dict(num_experts=4, hidden_dim=6, k=2, capacity_factor=None, block_size=4)
+
+
+def test_layer_contract_with_gated_shared_experts_and_glu_options():
+    run_layer_test(
+        SparseMoE,
+        dict(
+            OPTIONS23, gated=True, activation="quick_gelu", glu_limit=1.0,
+            glu_linear_offset=1.0, output_scale=True, num_shared_experts=2,
+            shared_hidden_dim=3, shared_expert_gate="sigmoid",
+        ),
+        X23,
+        expected_output_shape=(3, 4, 5),
+        # router, 2 banks of 3 kernels + 3 biases + a scale, the gate kernel
+        expected_num_trainable_weights=1 + 7 + 7 + 1,
+    )
+
+
+def test_gated_shared_experts_by_hand():
+    layer = SparseMoE(**OPTIONS23, num_shared_experts=2, shared_hidden_dim=3,
+                      shared_expert_gate="sigmoid", bias_initializer="random_normal")
+    y = keras.ops.convert_to_numpy(layer(X23))
+    assert layer.shared_experts.kernel_in.shape == (2, 5, 3)
+    routed, _ = reference_moe(layer, X23)
+    flat = X23.reshape(1, -1, 5)
+    shared = numpy_experts(layer.shared_experts, np.concatenate([flat, flat]))
+    kernel = keras.ops.convert_to_numpy(layer.shared_gate_kernel)
+    gates = 1 / (1 + np.exp(-flat[0] @ kernel))
+    shared = (shared * gates.T[:, :, None]).sum(0).reshape(X23.shape)
+    np.testing.assert_allclose(y, routed + shared, atol=1e-5)
+
+
+def test_float_routing_inputs_are_what_the_router_sees():
+    x, r = X23, tokens(X23.shape, seed=2)
+    layer = SparseMoE(**OPTIONS23)
+    y, routing = layer(x, routing_inputs=r, return_routing=True)
+    expected = layer.router(r.reshape(-1, 5))
+    index = keras.ops.convert_to_numpy(routing["expert_index"])
+    np.testing.assert_array_equal(
+        index, keras.ops.convert_to_numpy(expected["expert_index"])
+    )
+    # The experts ran on x with those routes.
+    weights = keras.ops.convert_to_numpy(routing["combine_weights"])
+    flat = x.reshape(-1, 5)
+    everything = numpy_experts(layer.experts, np.broadcast_to(flat, (4,) + flat.shape))
+    rows = np.arange(len(flat))
+    reference = sum(weights[:, j, None] * everything[index[:, j], rows] for j in range(2))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(y), reference.reshape(x.shape), atol=1e-5
+    )
+    # routing_inputs=x is the default routing.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer(x, routing_inputs=x)),
+        keras.ops.convert_to_numpy(layer(x)), atol=0,
+    )
+    with pytest.raises(ValueError, match="shape of the inputs"):
+        layer(x, routing_inputs=r[:, :3])
+
+
+def test_sparse_equals_dense_with_the_expert_options():
+    # The dropless blocks (Experts.call_blocks) and the dense reference
+    # (Experts.call, as the capacity buffers) compute one function with the
+    # clamped GLU and per-expert scales, in training too.
+    target = tokens(X23.shape, seed=5)
+    common = dict(OPTIONS23, gated=True, activation="quick_gelu", glu_limit=0.5,
+                  glu_linear_offset=1.0, output_scale=True)
+    pairs = [
+        model_with(dict(common, dispatch=dispatch, capacity_factor=capacity_factor), X23)
+        for dispatch, capacity_factor in (("sparse", None), ("dense", None))
+    ]
+    pairs[0][0].experts.expert_scale.assign(np.array([0.5, 2.0, -1.0, 1.5], "float32"))
+    for layer, _ in pairs[1:]:
+        copy_weights(pairs[0][0], layer)
+    (y0, g0), *others = [sgd_step_gradients(model, X23, target) for _, model in pairs]
+    for y, g in others:
+        np.testing.assert_allclose(y, y0, atol=1e-5, rtol=0)
+        for (name, a), b in zip(g0.items(), g.values()):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_shared_experts=1, shared_expert_gate="tanh"), "shared_expert_gate='tanh'"),
+        (dict(shared_expert_gate="sigmoid"), "num_shared_experts=0"),
+        (dict(shared_hidden_dim=4), "num_shared_experts=0"),
+        (dict(num_shared_experts=1, shared_hidden_dim=0), "shared_hidden_dim=0"),
+        (dict(glu_limit=7.0), "gated=True"),
+    ],
+)
+def test_bad_shared_and_glu_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseMoE(4, 8, **kwargs)

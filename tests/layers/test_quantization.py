@@ -321,3 +321,30 @@ def test_quantized_heads_and_mixtures_save_and_load(make, tmp_path):
     revived = [l for l in reloaded._flatten_layers() if isinstance(l, keras.layers.Dense)]
     assert [l.quantization_mode for l in revived] == ["int8"] * len(dense)
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), outputs)
+
+
+def test_quantized_bank_keeps_the_glu_options_and_expert_scale(tmp_path):
+    # Issue 23's expert options: the int8 call applies the clamp, the offset
+    # and the per-expert scale, and the scale survives save/load.
+    x = np.random.default_rng(3).normal(size=(2, 4, 5)).astype("float32")
+    inputs = keras.Input((4, 5))
+    moe = SparseMoE(
+        4, 6, k=2, gated=True, activation="quick_gelu", glu_limit=0.5,
+        glu_linear_offset=1.0, output_scale=True, num_shared_experts=1,
+        shared_expert_gate="sigmoid", name="moe",
+    )
+    model = keras.Model(inputs, moe(inputs))
+    moe.experts.expert_scale.assign(np.array([0.5, 2.0, -1.0, 1.5], "float32"))
+    expected = model.predict(x, verbose=0)
+    _quantize(model, config=WEIGHT_ONLY)
+    assert moe.experts.quantization_mode == "int8"
+    got = model.predict(x, verbose=0)
+    np.testing.assert_allclose(got, expected, atol=0.05 * np.abs(expected).max())
+    path = str(tmp_path / "int8.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(
+        to_numpy(reloaded.get_layer("moe").experts.expert_scale),
+        [0.5, 2.0, -1.0, 1.5],
+    )
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), got)

@@ -150,3 +150,61 @@ def test_nan_and_inf_tokens_get_distinct_experts(k):
     # The finite tokens' routing is their own.
     clean = keras.ops.convert_to_numpy(router(x[[0, 2]])["expert_index"])
     np.testing.assert_array_equal(index[[0, 2]], clean)
+
+
+# ------------------------------------------- issue 23: Gemma 4's router input
+
+
+def test_layer_contract_with_input_norm_and_scale():
+    x = np.random.default_rng(0).normal(size=(6, 8)).astype("float32")
+    run_layer_test(
+        TopKRouter,
+        dict(
+            num_experts=5,
+            k=2,
+            input_norm="rms",
+            input_norm_epsilon=1e-3,
+            input_multiplier=0.25,
+            learned_input_scale=True,
+        ),
+        x,
+        expected_output_shape=(6, 2),
+        expected_num_trainable_weights=2,  # kernel, input_scale
+        output_selector=lambda routing: routing["combine_weights"],
+    )
+
+
+def test_input_norm_and_scale_match_numpy():
+    x = np.random.default_rng(1).normal(size=(2, 5, 6)).astype("float32") * 3
+    router = TopKRouter(
+        4, k=2, input_norm="rms", input_norm_epsilon=1e-2, input_multiplier=6**-0.5,
+        learned_input_scale=True, kernel_initializer="glorot_uniform",
+    )
+    router.build(x.shape)
+    scale = np.random.default_rng(2).normal(size=(6,)).astype("float32")
+    router.input_scale.assign(scale)
+    normed = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-2) * 6**-0.5 * scale
+    logits = normed @ keras.ops.convert_to_numpy(router.kernel)
+    got = keras.ops.convert_to_numpy(router(x)["logits"])
+    np.testing.assert_allclose(got, logits, atol=1e-5)
+    # The defaults leave the input alone.
+    plain = TopKRouter(4, k=2)
+    plain.build(x.shape)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(plain(x)["logits"]),
+        x @ keras.ops.convert_to_numpy(plain.kernel),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(input_norm="layer"), "input_norm='layer'"),
+        (dict(input_norm_epsilon=0.0), "input_norm_epsilon=0.0"),
+        (dict(input_multiplier=float("inf")), "input_multiplier=inf"),
+    ],
+)
+def test_bad_input_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKRouter(4, **kwargs)
