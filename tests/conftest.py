@@ -114,3 +114,60 @@ def input_gradients(layer, x, rows, training=True, mask=None, weights=False):
         variable.assign(value)
     gradient = -keras.ops.convert_to_numpy(probe.offset)
     return (gradient, weight_gradients) if weights else gradient
+
+
+def tokens(shape, seed=0):
+    """Standard normal float32 tokens (or examples) of `shape`."""
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def numpy_experts(layer, x):
+    """Dense reference: a loop over experts with NumPy."""
+    weights = {
+        w.path.split("/")[-1]: keras.ops.convert_to_numpy(w) for w in layer.weights
+    }
+    act = lambda v: keras.ops.convert_to_numpy(layer.activation(v))  # noqa: E731
+    out = []
+    for e in range(layer.num_experts):
+        h = x[e] @ weights["kernel_in"][e]
+        if layer.use_bias:
+            h = h + weights["bias_in"][e]
+        if layer.gated:
+            g = x[e] @ weights["kernel_gate"][e]
+            if layer.use_bias:
+                g = g + weights["bias_gate"][e]
+            if layer.glu_limit is not None:
+                g = np.minimum(g, layer.glu_limit)
+                h = np.clip(h, -layer.glu_limit, layer.glu_limit)
+            h = act(g) * (h + layer.glu_linear_offset)
+        else:
+            h = act(h)
+        y = h @ weights["kernel_out"][e]
+        if layer.use_bias:
+            y = y + weights["bias_out"][e]
+        if layer.output_scale:
+            y = y * weights["expert_scale"][e]
+        out.append(y)
+    return np.stack(out)
+
+
+def numpy_iou_giou(a, b):
+    """Reference IoU and GIoU of single boxes [y1, x1, y2, x2] (float64)."""
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    area = lambda box: max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+    ih = max(min(a[2], b[2]) - max(a[0], b[0]), 0)
+    iw = max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    inter = ih * iw
+    union = area(a) + area(b) - inter
+    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (
+        max(a[3], b[3]) - min(a[1], b[1])
+    )
+    iou = inter / union if union > 0 else 0.0
+    giou = iou - (enclosing - union) / enclosing if enclosing > 0 else iou
+    return iou, giou
+
+
+def random_boxes(rng, shape):
+    corners = np.sort(rng.uniform(size=shape + (2, 2)), axis=-2)
+    y1, x1, y2, x2 = corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]
+    return np.stack([y1, x1, y2, x2], axis=-1).astype("float32")

@@ -9,22 +9,7 @@ import pytest
 
 from keras_moe import boxes, losses
 from keras_moe.layers import BoxHead
-
-
-def numpy_iou_giou(a, b):
-    """Reference IoU and GIoU of single boxes [y1, x1, y2, x2] (float64)."""
-    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
-    area = lambda box: max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
-    ih = max(min(a[2], b[2]) - max(a[0], b[0]), 0)
-    iw = max(min(a[3], b[3]) - max(a[1], b[1]), 0)
-    inter = ih * iw
-    union = area(a) + area(b) - inter
-    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (
-        max(a[3], b[3]) - min(a[1], b[1])
-    )
-    iou = inter / union if union > 0 else 0.0
-    giou = iou - (enclosing - union) / enclosing if enclosing > 0 else iou
-    return iou, giou
+from tests.conftest import numpy_iou_giou, random_boxes
 
 
 CASES = {
@@ -54,12 +39,6 @@ def test_iou_giou_hand_made_cases(name):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(boxes.giou(b32, a32)), got_giou, atol=1e-6
     )
-
-
-def random_boxes(rng, shape):
-    corners = np.sort(rng.uniform(size=shape + (2, 2)), axis=-2)
-    y1, x1, y2, x2 = corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]
-    return np.stack([y1, x1, y2, x2], axis=-1).astype("float32")
 
 
 def test_iou_giou_match_reference_on_random_boxes_any_rank():

@@ -9,7 +9,7 @@ import pytest
 
 from keras_moe import metrics
 from keras_moe.layers import BoxHead
-from tests.test_losses import numpy_iou_giou, random_boxes
+from tests.conftest import numpy_iou_giou, random_boxes
 
 
 def reference_ious(y_true, y_pred):

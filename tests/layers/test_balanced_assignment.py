@@ -7,10 +7,7 @@ import pytest
 from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.conftest import tokens
 
 
 def skewed_tokens(n, d, seed):

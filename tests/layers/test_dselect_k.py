@@ -8,10 +8,7 @@ from keras import ops
 from keras_moe.layers.dselect_k import DSelectKRouter, smooth_step
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.conftest import tokens
 
 
 def numpy_smooth_step(t, gamma):

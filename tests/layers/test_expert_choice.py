@@ -7,11 +7,7 @@ import pytest
 from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import copy_weights
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.conftest import copy_weights, tokens
 
 
 def to_numpy(tree):

@@ -4,36 +4,7 @@ import pytest
 
 from keras_moe.layers import Experts
 from keras_moe.testing import run_layer_test
-
-
-def numpy_experts(layer, x):
-    """Dense reference: a loop over experts with NumPy."""
-    weights = {
-        w.path.split("/")[-1]: keras.ops.convert_to_numpy(w) for w in layer.weights
-    }
-    act = lambda v: keras.ops.convert_to_numpy(layer.activation(v))  # noqa: E731
-    out = []
-    for e in range(layer.num_experts):
-        h = x[e] @ weights["kernel_in"][e]
-        if layer.use_bias:
-            h = h + weights["bias_in"][e]
-        if layer.gated:
-            g = x[e] @ weights["kernel_gate"][e]
-            if layer.use_bias:
-                g = g + weights["bias_gate"][e]
-            if layer.glu_limit is not None:
-                g = np.minimum(g, layer.glu_limit)
-                h = np.clip(h, -layer.glu_limit, layer.glu_limit)
-            h = act(g) * (h + layer.glu_linear_offset)
-        else:
-            h = act(h)
-        y = h @ weights["kernel_out"][e]
-        if layer.use_bias:
-            y = y + weights["bias_out"][e]
-        if layer.output_scale:
-            y = y * weights["expert_scale"][e]
-        out.append(y)
-    return np.stack(out)
+from tests.conftest import numpy_experts
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -13,12 +13,7 @@ from keras_moe.layers import (
     TopKRouter,
 )
 from keras_moe.testing import run_layer_test
-from tests.conftest import input_gradients, xla_only
-from tests.layers.test_experts import numpy_experts
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.conftest import input_gradients, numpy_experts, tokens, xla_only
 
 
 def to_numpy(tree):

@@ -4,12 +4,7 @@ import pytest
 
 from keras_moe.layers import SoftMoE
 from keras_moe.testing import run_layer_test
-from tests.conftest import xla_only
-from tests.layers.test_experts import numpy_experts
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.conftest import numpy_experts, tokens, xla_only
 
 
 class TokenOffset(keras.layers.Layer):
