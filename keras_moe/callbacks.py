@@ -516,12 +516,13 @@ class RoutingMonitor(keras.callbacks.Callback):
     def history(self):
         """`{layer name: {"expert_load": (epochs, E), "dropped_fraction":
         (epochs,), ["task_expert_usage": (epochs, T, E), "task_names"],
+        ["group_expert_load": (epochs, G, E), "group_names"],
         "expert_labels", [val_...]}}` as NumPy arrays."""
         result = {}
         for name, record in self._records.items():
             entry = {}
             for key, values in record.items():
-                if key in ("task_names", "expert_labels"):
+                if key in ("task_names", "group_names", "expert_labels"):
                     entry[key] = list(values)
                 elif values:
                     entry[key] = np.asarray(values, "float64")
@@ -602,7 +603,12 @@ class RoutingMonitor(keras.callbacks.Callback):
                 continue
             entry = sums.setdefault(layer.name, {"count": 0})
             entry["count"] += 1
-            for key in ("expert_load", "dropped_fraction", "task_expert_usage"):
+            for key in (
+                "expert_load",
+                "dropped_fraction",
+                "task_expert_usage",
+                "group_expert_load",
+            ):
                 if key in stats:
                     value = np.asarray(stats[key], "float64")
                     entry[key] = entry.get(key, 0.0) + value
@@ -610,6 +616,8 @@ class RoutingMonitor(keras.callbacks.Callback):
                 entry["task_names"] = _task_names(
                     stats, np.shape(stats["task_expert_usage"])[0]
                 )
+            if "group_expert_load" in stats:
+                entry["group_names"] = list(stats["group_names"])
 
     def on_epoch_end(self, epoch, logs=None):
         values = {}
@@ -619,8 +627,12 @@ class RoutingMonitor(keras.callbacks.Callback):
                 mean = {
                     key: value / entry["count"]
                     for key, value in entry.items()
-                    if key not in ("count", "task_names")
+                    if key not in ("count", "task_names", "group_names")
                 }
+                if "group_names" in entry:
+                    self._records.setdefault(name, {})["group_names"] = entry[
+                        "group_names"
+                    ]
                 means.setdefault(phase, {})[name] = (mean, entry.get("task_names"))
                 self._record(name, prefix, mean, entry.get("task_names"))
                 values.update(self._scalars(name, prefix, mean, entry.get("task_names")))
@@ -700,9 +712,9 @@ class RoutingMonitor(keras.callbacks.Callback):
             png = figure_to_png(figure_or_matrix)
         writer.image(tag, png, step)
 
-    def _task_figure(self, name, usage, task_names, epoch_count=None):
-        """The task x expert heat map (a figure; the matrix without
-        matplotlib)."""
+    def _task_figure(self, name, usage, task_names, epoch_count=None, row="task"):
+        """The task (or group) x expert heat map (a figure; the matrix
+        without matplotlib)."""
         try:
             from keras_moe import plotting
 
@@ -712,8 +724,8 @@ class RoutingMonitor(keras.callbacks.Callback):
         epochs = epoch_count or len(self._records[name]["expert_load"])
         return plotting.plot_expert_heatmap(
             usage, task_names, col_labels=self._records[name]["expert_labels"],
-            title=f"{name}: each task's gate mass per expert (epoch {epochs})",
-            ylabel="task", colorbar_label="share of the task's gate mass",
+            title=f"{name}: each {row}'s routing share per expert (epoch {epochs})",
+            ylabel=row, colorbar_label=f"share of the {row}'s routing",
         )
 
     def _class_figure(self, name, table):
@@ -824,6 +836,15 @@ class RoutingMonitor(keras.callbacks.Callback):
                 self._task_figure(name, usage, record["task_names"]).savefig(
                     path, dpi=120, bbox_inches="tight", facecolor="white"
                 )
+                paths.append(path)
+            if "group_expert_load" in record:
+                # Per-group routing (e.g. modality x expert, LIMoE's table).
+                path = os.path.join(plot_dir, f"{_safe_name(name)}_group_expert.png")
+                figure = self._task_figure(
+                    name, record["group_expert_load"][-1], record["group_names"],
+                    row="group",
+                )
+                figure.savefig(path, dpi=120, bbox_inches="tight", facecolor="white")
                 paths.append(path)
         path = os.path.join(plot_dir, "dropped_fraction.png")
         plotting.plot_dropped_fraction(history, path)

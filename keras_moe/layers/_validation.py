@@ -139,27 +139,29 @@ def dropout_rate(name, value):
     return _real(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
-def task_names(names, num_tasks):
-    """`None` -> `["task_0", ...]`; otherwise `num_tasks` distinct strings."""
+def task_names(names, num_tasks, label="task"):
+    """`None` -> `["task_0", ...]`; otherwise `num_tasks` distinct strings.
+    `label="group"` checks `group_names` against `num_groups`."""
+    arg, count = f"{label}_names", f"num_{label}s"
     if names is None:
-        return [f"task_{t}" for t in range(num_tasks)]
+        return [f"{label}_{t}" for t in range(num_tasks)]
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise ValueError(
-            "task_names must be a list of strings, one per task. Received: "
-            f"task_names={names!r}"
+            f"{arg} must be a list of strings, one per {label}. Received: "
+            f"{arg}={names!r}"
         )
     names = list(names)
     if len(names) != num_tasks:
         raise ValueError(
-            "task_names must have one name per task. Received: "
-            f"len(task_names)={len(names)}, num_tasks={num_tasks}"
+            f"{arg} must have one name per {label}. Received: "
+            f"len({arg})={len(names)}, {count}={num_tasks}"
         )
     if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(
         names
     ):
         raise ValueError(
-            "task_names must be distinct non-empty strings. Received: "
-            f"task_names={names!r}"
+            f"{arg} must be distinct non-empty strings. Received: "
+            f"{arg}={names!r}"
         )
     return names
 

@@ -113,6 +113,20 @@ class SparseMoE(keras.layers.Layer):
         router_kernel_initializer: initializer of the router kernel
             (default: Switch's truncated normal with 0.1 x LeCun scale).
         seed: seed of the gating noise.
+        num_groups: `G`, number of token groups (modalities, languages,
+            ...) for the per-group balancing and statistics below; `None`
+            (default): no groups. Tokens get their group with
+            `layer(x, groups=ids)`.
+        group_names: optional `G` names for the statistics and plots.
+        group_balance_weight: weight of the per-group Switch loss
+            `mean_g E sum_e f_{g,e} P_{g,e}`
+            (`keras_moe.ops.group_load_balancing_loss`): each group is
+            balanced on its own, so one modality cannot take every expert.
+        local_entropy_weight, global_entropy_weight: weights of LIMoE's
+            local (per-token) and per-group global entropy losses
+            (`keras_moe.ops.entropy_losses`).
+        global_entropy_threshold: LIMoE's threshold `tau` (nats) of the
+            global loss, `max(0, tau - H(pbar_g))`; `None`: `-H(pbar_g)`.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -131,10 +145,13 @@ class SparseMoE(keras.layers.Layer):
         mask: bool `inputs.shape[:-1]`, False for padding; Keras passes the
             mask of the inputs (e.g. of `Embedding(mask_zero=True)`) by
             itself when the layer is called on one tensor (with
-            `routing_inputs`, pass it explicitly). Masked tokens take no
+            `routing_inputs` or `groups`, pass it explicitly). Masked tokens take no
             capacity, output zeros and add nothing to the losses, the
             statistics or `return_routing`'s counts; the mask propagates to
             the output.
+        groups: int group of each token (`inputs.shape[:-1]`) or example
+            (`(B,)`), in `[0, num_groups)`, e.g. the modality; for the
+            per-group losses and `group_expert_load`. Default: group 0.
 
     Returns:
         `(..., output_dim)`, or `(outputs, routing)` with `return_routing`.
@@ -181,6 +198,12 @@ class SparseMoE(keras.layers.Layer):
         z_loss_weight=None,
         router_kernel_initializer=None,
         seed=None,
+        num_groups=None,
+        group_names=None,
+        group_balance_weight=0.0,
+        local_entropy_weight=0.0,
+        global_entropy_weight=0.0,
+        global_entropy_threshold=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -222,6 +245,37 @@ class SparseMoE(keras.layers.Layer):
                 f"shared_expert_gate={shared_expert_gate!r}"
             )
         self.seed = seed
+        self.num_groups = (
+            None if num_groups is None else check.positive_int("num_groups", num_groups)
+        )
+        self.group_balance_weight = check.non_negative_float(
+            "group_balance_weight", group_balance_weight
+        )
+        self.local_entropy_weight = check.non_negative_float(
+            "local_entropy_weight", local_entropy_weight
+        )
+        self.global_entropy_weight = check.non_negative_float(
+            "global_entropy_weight", global_entropy_weight
+        )
+        self.global_entropy_threshold = (
+            None
+            if global_entropy_threshold is None
+            else check.non_negative_float(
+                "global_entropy_threshold", global_entropy_threshold
+            )
+        )
+        if self.num_groups is None:
+            if group_names is not None or self.group_balance_weight:
+                raise ValueError(
+                    "group_names and group_balance_weight need num_groups. "
+                    f"Received: num_groups=None, group_names={group_names!r}, "
+                    f"group_balance_weight={group_balance_weight}"
+                )
+            self.group_names = None
+        else:
+            self.group_names = check.task_names(
+                group_names, self.num_groups, label="group"
+            )
         router_args = dict(
             noisy_gating=noisy_gating,
             load_balance_weight=load_balance_weight,
@@ -310,6 +364,11 @@ class SparseMoE(keras.layers.Layer):
             ("router_entropy", ()),
         ):
             setattr(self, name, statistic(self, name, shape))
+        self.group_expert_load = (
+            statistic(self, "group_expert_load", (self.num_groups, self.num_experts))
+            if self.num_groups
+            else None
+        )
 
     def _check_call_input(self, inputs):
         shape = tuple(inputs.shape)
@@ -474,6 +533,7 @@ class SparseMoE(keras.layers.Layer):
         return_routing=False,
         routing_inputs=None,
         mask=None,
+        groups=None,
     ):
         self._check_call_input(inputs)
         # Integer inputs as floats on every backend (torch's einsum would
@@ -546,9 +606,14 @@ class SparseMoE(keras.layers.Layer):
             ops.sum(probs * ops.log(probs + 1e-9), axis=-1), valid
         )
         self.router_entropy.assign(ops.stop_gradient(entropy))
+        group_load = self._group_terms(
+            groups, shape, probs, plan["expert_index"], selected, valid, training
+        )
         if not return_routing:
             return outputs
+        extra = {} if group_load is None else {"group_expert_load": group_load}
         return outputs, {
+            **extra,
             "expert_index": plan["expert_index"],
             "combine_weights": weights,
             "probs": routing["probs"],
@@ -559,9 +624,51 @@ class SparseMoE(keras.layers.Layer):
             "dropped_fraction": dropped_fraction,
         }
 
+    def _group_terms(
+        self, groups, shape, probs, expert_index, selected, valid, training
+    ):
+        """Per-group statistics and, in training, the per-group and entropy
+        losses. Returns the `(G, E)` group x expert load (or None)."""
+        entropy_weights = self.local_entropy_weight or self.global_entropy_weight
+        if self.num_groups is None and not entropy_weights:
+            if groups is not None:
+                raise ValueError(
+                    f"{self.name}: groups= needs num_groups set in the "
+                    "constructor. Received: num_groups=None"
+                )
+            return None
+        g = self.num_groups or 1
+        if groups is None:  # every token in group 0
+            ids = ops.zeros((ops.shape(probs)[0],), dtype="int32")
+        else:
+            ids = self._routing_inputs_per_token(groups, shape)
+        if training and entropy_weights:
+            local, global_ = balancing.entropy_losses(
+                probs, ids, g, mask=valid, threshold=self.global_entropy_threshold
+            )
+            if self.local_entropy_weight:
+                self.add_loss(self.local_entropy_weight * local)
+            if self.global_entropy_weight:
+                self.add_loss(self.global_entropy_weight * global_)
+        if self.num_groups is None:
+            return None
+        if training and self.group_balance_weight:
+            self.add_loss(
+                self.group_balance_weight
+                * balancing.group_load_balancing_loss(
+                    probs, expert_index, self.num_experts, ids, g, mask=valid
+                )
+            )
+        load = balancing.group_expert_load(
+            expert_index, self.num_experts, ids, g, mask=valid, selected=selected
+        )
+        self.group_expert_load.assign(ops.stop_gradient(load))
+        return load
+
     def routing_stats(self):
-        """The routing statistics of the last call, as NumPy values."""
-        return {
+        """The routing statistics of the last call, as NumPy values; with
+        `num_groups`, also `group_expert_load` `(G, E)` and `group_names`."""
+        stats = {
             "expert_load": ops.convert_to_numpy(self.expert_load),
             "dropped_fraction": float(ops.convert_to_numpy(self.dropped_fraction)),
             "load_balance_loss": float(
@@ -569,6 +676,10 @@ class SparseMoE(keras.layers.Layer):
             ),
             "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
         }
+        if self.group_expert_load is not None:
+            stats["group_expert_load"] = ops.convert_to_numpy(self.group_expert_load)
+            stats["group_names"] = list(self.group_names)
+        return stats
 
     def compute_output_shape(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
@@ -581,6 +692,7 @@ class SparseMoE(keras.layers.Layer):
         return_routing=False,
         routing_inputs=None,
         mask=None,
+        groups=None,
     ):
         if return_routing:
             # Trace `call` itself for the nested routing structure.
@@ -590,6 +702,7 @@ class SparseMoE(keras.layers.Layer):
                 return_routing=True,
                 routing_inputs=routing_inputs,
                 mask=mask,
+                groups=groups,
             )
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
@@ -614,6 +727,12 @@ class SparseMoE(keras.layers.Layer):
             shared_hidden_dim=self.shared_hidden_dim,
             shared_expert_gate=self.shared_expert_gate,
             seed=self.seed,
+            num_groups=self.num_groups,
+            group_names=None if self.group_names is None else list(self.group_names),
+            group_balance_weight=self.group_balance_weight,
+            local_entropy_weight=self.local_entropy_weight,
+            global_entropy_weight=self.global_entropy_weight,
+            global_entropy_threshold=self.global_entropy_threshold,
         )
         if self.custom_router:
             config["router"] = keras.saving.serialize_keras_object(self.router)

@@ -2,6 +2,9 @@
 
 from keras_moe.ops.balancing import (
     cv_squared,
+    entropy_losses,
+    group_expert_load,
+    group_load_balancing_loss,
     load_balancing_loss,
     noisy_top_k_load,
     router_z_loss,
@@ -40,6 +43,9 @@ __all__ = [
     "run_blocks",
     "combine",
     "cv_squared",
+    "entropy_losses",
+    "group_expert_load",
+    "group_load_balancing_loss",
     "compute_capacity",
     "dense_gates",
     "dispatch",

@@ -136,3 +136,122 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k, mask=None):
     if keep is not None:
         prob_in = ops.where(keep, prob_in, ops.zeros_like(prob_in))
     return ops.sum(prob_in, axis=0)
+
+
+def _group_matrix(groups, num_groups, mask=None):
+    """`(N, G)` float32 one-hot of each token's group (zero rows for masked
+    tokens and for ids outside `[0, G)`), and the `(G,)` token counts."""
+    groups = ops.reshape(ops.cast(groups, "int32"), (-1,))
+    one_hot = ops.one_hot(groups, num_groups, dtype="float32")
+    weights = token_weights(mask)
+    if weights is not None:
+        one_hot = ops.where(weights[:, None] > 0, one_hot, 0.0)
+    return one_hot, ops.sum(one_hot, axis=0)
+
+
+def _mean_over_present(values, counts):
+    """Mean of the per-group `values` over the groups with a token."""
+    present = counts > 0
+    total = ops.sum(ops.where(present, values, ops.zeros_like(values)))
+    return total / ops.maximum(ops.sum(ops.cast(present, "float32")), 1.0)
+
+
+def group_expert_load(
+    expert_index, num_experts, groups, num_groups, mask=None, selected=None
+):
+    """`(G, E)`: the share of group `g`'s (token, choice) assignments routed
+    to expert `e` (rows of groups with no token are 0).
+
+    The modality x expert table of LIMoE: which experts each group (a
+    modality, a task, a language) uses. `selected` `(N, k)` bool marks the
+    assignments that count (e.g. those an expert-choice router made);
+    default: all.
+    """
+    member, _ = _group_matrix(groups, num_groups, mask)
+    one_hot = ops.one_hot(expert_index, num_experts, dtype="float32")
+    if selected is not None:
+        one_hot = ops.where(ops.cast(selected, "bool")[..., None], one_hot, 0.0)
+    routed = ops.matmul(ops.transpose(member), ops.sum(one_hot, axis=1))  # (G, E)
+    return routed / ops.maximum(ops.sum(routed, axis=1, keepdims=True), 1.0)
+
+
+def group_load_balancing_loss(
+    probs, expert_index, num_experts, groups, num_groups, mask=None
+):
+    """The Switch load-balancing loss within each group, averaged over the
+    groups present in the batch:
+
+    `L = mean_g E sum_e f_{g,e} P_{g,e}`
+
+    with `f_{g,e}` the share of group `g`'s assignments routed to expert `e`
+    and `P_{g,e}` the mean router probability of expert `e` over group `g`'s
+    tokens. Each group is balanced on its own, so one group (e.g. the
+    modality with more tokens) cannot take every expert while the global
+    load still looks balanced. 1 when every group routes uniformly.
+
+    Args:
+        probs: `(N, E)` router probabilities.
+        expert_index: `(N, k)` chosen experts.
+        num_experts: `E`.
+        groups: `(N,)` int group of each token, in `[0, G)`.
+        num_groups: `G`.
+        mask: optional `(N,)` bool: tokens that count.
+
+    References:
+        Fedus, Zoph, Shazeer. Switch Transformers (2021), eq. 4.
+        Mustafa et al. Multimodal Contrastive Learning with LIMoE (2022),
+        which balances per modality.
+    """
+    member, counts = _group_matrix(groups, num_groups, mask)
+    probs = ops.cast(probs, "float32")
+    if mask is not None:  # a NaN in a masked token stays out
+        probs = ops.where(token_weights(mask)[:, None] > 0, probs, 0.0)
+    fraction = group_expert_load(expert_index, num_experts, groups, num_groups, mask)
+    mean_prob = ops.matmul(ops.transpose(member), probs) / ops.maximum(
+        counts, 1.0
+    )[:, None]
+    per_group = num_experts * ops.sum(ops.stop_gradient(fraction) * mean_prob, axis=1)
+    return _mean_over_present(per_group, counts)
+
+
+def entropy_losses(probs, groups=None, num_groups=1, mask=None, threshold=None):
+    """LIMoE's local and global entropy losses, per group.
+
+    - local: `mean_n H(p_n)`, the mean entropy of each token's routing
+      distribution; minimising it makes each token confident.
+    - global: `mean_g -H(pbar_g)`, with `pbar_g` the mean routing
+      distribution over group `g`'s tokens; minimising it spreads each group
+      over many experts. With a `threshold` `tau`, `max(0, tau - H(pbar_g))`
+      instead (LIMoE's thresholded version: no push once a group's
+      distribution is spread enough).
+
+    Args:
+        probs: `(N, E)` router probabilities.
+        groups: optional `(N,)` int group per token (default: one group).
+        num_groups: `G`.
+        mask: optional `(N,)` bool: tokens that count.
+        threshold: optional float `tau` (nats) for the global loss.
+
+    Returns:
+        `(local, global)` float32 scalars.
+
+    References:
+        Mustafa et al. Multimodal Contrastive Learning with LIMoE: the
+        Language-Image Mixture of Experts (NeurIPS 2022), section 3.
+    """
+    probs = ops.cast(probs, "float32")
+    if groups is None:
+        groups = ops.zeros((ops.shape(probs)[0],), dtype="int32")
+        num_groups = 1
+    member, counts = _group_matrix(groups, num_groups, mask)
+    keep = ops.sum(member, axis=1) > 0  # (N,): tokens of a group, unmasked
+    probs = ops.where(keep[:, None], probs, 0.0)
+    token_entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)
+    local = ops.sum(token_entropy) / ops.maximum(ops.sum(counts), 1.0)
+    mean = ops.matmul(ops.transpose(member), probs) / ops.maximum(counts, 1.0)[:, None]
+    group_entropy = -ops.sum(mean * ops.log(mean + 1e-9), axis=-1)  # (G,)
+    if threshold is None:
+        per_group = -group_entropy
+    else:
+        per_group = ops.maximum(float(threshold) - group_entropy, 0.0)
+    return local, _mean_over_present(per_group, counts)
