@@ -2,9 +2,9 @@
 """Compressing the CIFAR multi-task MoE: int8 experts, pruned experts and a
 distilled dense student, against the trained float model.
 
-    python examples/cifar_multitask.py --data /work/shared/data/cifar10_small.npz --epochs 20
+    python examples/cifar_multitask.py --data ../shared/data/cifar10_small.npz --epochs 20
     python benchmarks/cifar_compression.py --model runs/cifar_multitask/model.keras \\
-        --data /work/shared/data/cifar10_small.npz --epochs 20
+        --data ../shared/data/cifar10_small.npz --epochs 20
 
 The first command trains the teacher (`runs/cifar_multitask/model.keras`);
 this script reads it and the same data (the example's own functions,
