@@ -6,13 +6,20 @@
 MathML (latex2mathml, the `docs` extra), which every current browser
 renders natively: the pages need no JavaScript and no network for their
 math, so the site also reads offline. A formula that does not convert fails
-the build with its TeX quoted.
+the build with its TeX quoted. Without latex2mathml installed the build
+still succeeds, says so once and leaves the formulas as TeX.
 """
 
 import html
+import logging
 import re
 
-from latex2mathml.converter import convert
+try:
+    from latex2mathml.converter import convert
+except ImportError:  # the docs extra is not installed
+    convert = None
+
+log = logging.getLogger("mkdocs.hooks.mathml")
 
 _MATH = re.compile(
     r'<(?P<tag>span|div) class="arithmatex">\s*'
@@ -32,5 +39,14 @@ def _render(match):
     return f'<{tag} class="arithmatex">{mathml}</{tag}>'
 
 
+def on_config(config, **kwargs):
+    if convert is None:
+        log.info("latex2mathml is not installed (pip install -e \".[docs]\"): "
+                 "the formulas stay as TeX")
+    return config
+
+
 def on_page_content(content, **kwargs):
+    if convert is None:
+        return content
     return _MATH.sub(_render, content)
