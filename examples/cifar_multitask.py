@@ -67,6 +67,7 @@ was trained, the numbers, where the files are, what to run next.
 """
 
 import argparse
+import logging
 import os
 import time
 
@@ -78,6 +79,9 @@ import time
 # applies, so stderr is also closed while Keras (and TensorFlow) import.
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # and its Python warnings (tf.function retracing notices from the
+    # predict calls on differently sized inputs at the end)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(_devnull, 2)
     try:
@@ -91,7 +95,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers  # noqa: E402
 
-from keras_moe.callbacks import RoutingMetrics, RoutingMonitor
+from keras_moe.callbacks import RoutingMetrics, RoutingMonitor  # noqa: E402
 from keras_moe.layers import (  # noqa: E402
     BoxHead,
     ClassificationHead,
