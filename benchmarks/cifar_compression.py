@@ -2,9 +2,10 @@
 """Compressing the CIFAR multi-task MoE: int8 experts, pruned experts and a
 distilled dense student, against the trained float model.
 
-    python examples/cifar_multitask.py --data /work/shared/data/cifar10_small.npz --epochs 20
+    python examples/cifar_multitask.py --data ../shared/data/cifar10_small.npz --epochs 20 \\
+        --width 1.0 --batch-size 128 --box-weight 2
     python benchmarks/cifar_compression.py --model runs/cifar_multitask/model.keras \\
-        --data /work/shared/data/cifar10_small.npz --epochs 20
+        --data ../shared/data/cifar10_small.npz --epochs 20
 
 The first command trains the teacher (`runs/cifar_multitask/model.keras`);
 this script reads it and the same data (the example's own functions,
@@ -142,8 +143,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default="runs/cifar_multitask/model.keras",
                         help="the trained teacher, from examples/cifar_multitask.py")
-    parser.add_argument("--data", default="auto",
-                        help="the example's --data (an .npz or 'auto')")
+    parser.add_argument("--data", default="sample",
+                        help="the example's --data (an .npz, 'sample' or 'keras')")
     parser.add_argument("--epochs", type=int, default=20,
                         help="training epochs of each dense student")
     parser.add_argument("--batch-size", type=int, default=128)

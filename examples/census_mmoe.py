@@ -578,6 +578,14 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    for flag, path in (("--data", args.data), ("--test-data", args.test_data)):
+        if path is not None and not os.path.exists(path):
+            parser.error(
+                f"the census file {os.path.normpath(path)} does not exist. This "
+                "example reads the UCI census-income (KDD) table as a CSV (plain or "
+                "gzipped); the default is ../shared/data/census_income_kdd.csv.gz "
+                f"relative to the project root. Pass its location with {flag} PATH."
+            )
     return args
 
 

@@ -272,7 +272,8 @@ def test_bad_inputs():
 @pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="Keras 3.15 cannot export a SavedModel from torch (model.export); "
-    "the route through a .keras file is issue 5",
+    "keras_moe.export_saved_model goes through a .keras file instead "
+    "(tested in tests/test_export.py)",
 )
 def test_export_saved_model_with_dynamic_batch(tmp_path):
     import tensorflow as tf
