@@ -428,8 +428,8 @@ class RoutingMonitor(keras.callbacks.Callback):
       `log_dir/routing/train` and `log_dir/routing/validation`, and the
       task x expert and class x expert heat maps as images, written with
       `tf.summary` on every Keras backend (needs TensorFlow).
-    - `plot_dir`: PNG plots (needs matplotlib: `pip install
-      keras-moe[plot]`) saved at the end of training (and after every
+    - `plot_dir`: PNG plots (needs matplotlib: `pip install matplotlib`,
+      or `pip install -e ".[plot]"` from a clone) saved at the end of training (and after every
       epoch with `plot_every_epoch=True`): `<layer>_expert_load.png` (load
       over epochs, one line per expert, the uniform share `1/E` dashed),
       `dropped_fraction.png` (every layer), `<layer>_class_expert.png` and

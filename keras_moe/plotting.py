@@ -7,8 +7,8 @@ The functions take plain NumPy arrays, or the `history` of a
 `Figure` with the Agg canvas, no `pyplot`), so they open no window and keep
 no global figure state.
 
-matplotlib is an optional dependency: `pip install keras-moe[plot]` (or
-`pip install matplotlib`).
+matplotlib is an optional dependency: `pip install matplotlib` (from a
+clone: `pip install -e ".[plot]"`, as the README's quickstart does).
 
 Example:
 
@@ -46,8 +46,8 @@ def require_matplotlib(what="keras_moe.plotting"):
     except ImportError as error:
         raise ImportError(
             f"{what} needs matplotlib, an optional dependency of keras_moe. "
-            "Install it with `pip install keras-moe[plot]` (or `pip install "
-            f"matplotlib`). ({error})"
+            "Install it with `pip install matplotlib` (from a clone of "
+            f"keras_moe: `pip install -e \".[plot]\"`). ({error})"
         ) from error
     return matplotlib
 
