@@ -198,3 +198,25 @@ def layer_list(name, layers, min_count):
             f"len({name})={len(layers)}"
         )
     return list(layers)
+
+
+def token_mask(layer, mask, inputs):
+    """A Keras mask of `inputs.shape[:-1]` (bool or numeric: nonzero keeps)
+    as `(N,)` bool, one entry per token; `None` stays `None`. `layer` is the
+    layer's name for the error message."""
+    if mask is None:
+        return None
+    ops = keras.ops
+    mask = ops.convert_to_tensor(mask)
+    expected = tuple(inputs.shape[:-1])
+    if len(mask.shape) != len(expected) or any(
+        m is not None and e is not None and m != e
+        for m, e in zip(mask.shape, expected)
+    ):
+        raise ValueError(
+            f"{layer}: the mask must have the inputs' shape without the last "
+            f"axis, {expected}. Received: mask shape {tuple(mask.shape)}"
+        )
+    if mask.dtype != "bool":
+        mask = ops.not_equal(mask, 0)
+    return ops.reshape(mask, (-1,))

@@ -481,25 +481,6 @@ class SparseMoE(keras.layers.Layer):
         )
         return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
 
-    def _token_mask(self, mask, inputs):
-        """The Keras mask as `(N,)` bool, one entry per token (or None)."""
-        if mask is None:
-            return None
-        mask = ops.convert_to_tensor(mask)
-        expected = tuple(inputs.shape[:-1])
-        if len(mask.shape) != len(expected) or any(
-            m is not None and e is not None and m != e
-            for m, e in zip(mask.shape, expected)
-        ):
-            raise ValueError(
-                f"{self.name}: the mask must have the inputs' shape without "
-                f"the last axis, {expected}. Received: mask shape "
-                f"{tuple(mask.shape)}"
-            )
-        if mask.dtype != "bool":
-            mask = ops.not_equal(mask, 0)
-        return ops.reshape(mask, (-1,))
-
     def _router_tokens(self, routing_inputs, shape):
         """`routing_inputs` `(..., d)` as the router's `(N, d)` tokens."""
         routing_inputs = ops.cast(routing_inputs, self.compute_dtype)
@@ -549,7 +530,7 @@ class SparseMoE(keras.layers.Layer):
             routing_inputs = None
         if routing_inputs is not None:
             routing_inputs = self._routing_inputs_per_token(routing_inputs, shape)
-        valid = self._token_mask(mask, inputs)
+        valid = check.token_mask(self.name, mask, inputs)
         if valid is not None:
             # Masked tokens enter no computation (a select, so NaN or Inf
             # padding reaches no output and no gradient, its own included).

@@ -61,25 +61,6 @@ def _one_mask(mask):
     return mask
 
 
-def _token_mask(layer, mask, inputs):
-    """A Keras mask of `inputs.shape[:-1]` as `(N,)` bool, or None."""
-    if mask is None:
-        return None
-    mask = ops.convert_to_tensor(mask)
-    expected = tuple(inputs.shape[:-1])
-    if len(mask.shape) != len(expected) or any(
-        m is not None and e is not None and m != e
-        for m, e in zip(mask.shape, expected)
-    ):
-        raise ValueError(
-            f"{layer.name}: the mask must have the inputs' shape without the "
-            f"last axis, {expected}. Received: mask shape {tuple(mask.shape)}"
-        )
-    if mask.dtype != "bool":
-        mask = ops.not_equal(mask, 0)
-    return ops.reshape(mask, (-1,))
-
-
 def _normalize_rows(mass):
     """Rows of `mass` divided by their sums (rows of zeros stay zeros)."""
     total = ops.sum(mass, axis=-1, keepdims=True)
@@ -596,7 +577,7 @@ class MultiGateMoE(keras.layers.Layer):
         _check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
         inputs = _as_compute_dtype(self, inputs)
         tokens = _flat_tokens(inputs, shape[-1])
-        valid = _token_mask(self, mask, inputs)
+        valid = check.token_mask(self.name, mask, inputs)
         if valid is not None:
             # Masked tokens enter no computation (a select, so NaN or Inf
             # padding reaches no output and no gradient, its own included).
@@ -931,7 +912,7 @@ class CGC(keras.layers.Layer):
             task_tokens = ops.broadcast_to(shared_tokens[None], (t, num_tokens, d))
         else:
             task_tokens = ops.stack([_flat_tokens(x, d) for x in task_inputs])
-        valid = _token_mask(self, _one_mask(mask), shared_input)
+        valid = check.token_mask(self.name, _one_mask(mask), shared_input)
         if valid is not None:
             # Masked tokens enter no computation (a select: NaN stays out).
             shared_tokens = ops.where(
