@@ -215,7 +215,7 @@ def _unsupported_reason(layer):
     return (
         f"{type(layer).__name__} {layer.name!r} is not prunable (it has no "
         "pruned_config / copy_pruned_weights hooks; supported: SparseMoE, "
-        "MultiGateMoE and SoftMoE)"
+        "MultiGateMoE, SoftMoE and MixtureOfExperts)"
     )
 
 
@@ -339,6 +339,8 @@ def prune_experts(model, keep, usage=None):
 
     What each layer does:
 
+    - `MixtureOfExperts` (default gate only; at least 2 experts kept): the
+      kept expert layers are copied whole and the gate's columns sliced.
     - `SparseMoE`, `MultiGateMoE`, `SoftMoE`: the kept experts' kernels and
       biases (int8 values and scales of a quantised bank), the dense gates'
       kernel and bias columns, SoftMoE's slot columns (an expert's slots
@@ -354,8 +356,8 @@ def prune_experts(model, keep, usage=None):
     - `DSelectKRouter`: only a prefix of the experts `[0, ..., E' - 1]`
       with `k <= E'` (the selectors address experts by binary code; the
       codes keep their low bits); anything else raises a `ValueError`.
-    - `CGC`, `PLE`, `MixtureOfExperts` have no hooks and raise a
-      `ValueError` naming them.
+    - `CGC` and `PLE` have no hooks (their experts belong to tasks, the
+      same number per task) and raise a `ValueError` naming them.
 
     What it preserves, with dropless inference (`eval_capacity_factor=None`;
     pruning raises the per-expert capacity of a finite factor): a token

@@ -20,6 +20,7 @@ from keras_moe.layers import (
     ExpertChoiceRouter,
     Experts,
     HashRouter,
+    MixtureOfExperts,
     MultiGateMoE,
     SoftMoE,
     SparseMoE,
@@ -213,6 +214,32 @@ def test_routers_that_cannot_be_pruned_say_why():
     with pytest.raises(ValueError, match=r"k=2 selectors.*\[0\]"):
         dselect.pruned_config([0])
     assert dselect.pruned_config([0, 1, 2])["num_experts"] == 3
+
+
+def test_mixture_of_keras_experts_prunes_whole_experts():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 8)).astype("float32")
+    experts = [keras.layers.Dense(4, kernel_initializer="zeros", name=f"e{i}")
+               for i in range(3)]
+    inputs = keras.Input((8,))
+    mix = MixtureOfExperts(experts, k=2, eval_capacity_factor=None, name="mix")
+    model = randomize(keras.Model(inputs, mix(inputs)))
+    mix.gate.bias.assign(np.array([0.0, -1e3, 0.0], "float32"))  # expert 1 unused
+    expected = model.predict(x, verbose=0)
+    pruned = prune_experts(model, {"mix": [0, 2]})
+    layer = pruned.get_layer("mix")
+    assert [e.name for e in layer.experts] == ["e0", "e2"] and layer.k == 2
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        to_numpy(layer.experts[1].kernel), to_numpy(experts[2].kernel)
+    )
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        prune_experts(model, {"mix": [0]})
+    gated = MixtureOfExperts(
+        [keras.layers.Dense(4) for _ in range(2)], gate=keras.layers.Dense(2), name="g"
+    )
+    with pytest.raises(ValueError, match="custom gate"):
+        gated.pruned_config([0, 1])
 
 
 def test_select_experts_keeps_the_most_used():
