@@ -30,12 +30,6 @@ from keras_moe.layers.heads import (
     RegressionHead,
     _output_items,
 )
-from keras_moe.layers.moe import SparseMoE
-from keras_moe.layers.multitask import MultiGateMoE
-from keras_moe.layers.routers import TopKRouter
-from keras_moe.layers.soft_moe import SoftMoE
-
-PRUNABLE = (SparseMoE, MultiGateMoE, SoftMoE)
 
 
 def weight_bytes(layer, experts_only=False):
@@ -204,34 +198,24 @@ def expert_usage(model, data, batch_size=32, steps=None):
 
 
 def _is_moe(layer):
-    return isinstance(layer, PRUNABLE) or hasattr(layer, "num_experts") or any(
+    return _has_hooks(layer) or hasattr(layer, "num_experts") or any(
         hasattr(layer, a) for a in ("num_task_experts", "levels")
     )
 
 
+def _has_hooks(layer):
+    return callable(getattr(layer, "pruned_config", None)) and callable(
+        getattr(layer, "copy_pruned_weights", None)
+    )
+
+
 def _unsupported_reason(layer):
-    if isinstance(layer, SparseMoE):
-        if not isinstance(layer.router, TopKRouter):
-            return (
-                f"SparseMoE {layer.name!r} has a {type(layer.router).__name__}; "
-                "only TopKRouter routing can be pruned"
-            )
-        return None
-    if isinstance(layer, MultiGateMoE):
-        for router in layer.routers or []:
-            if not isinstance(router, TopKRouter):
-                return (
-                    f"MultiGateMoE {layer.name!r} has a "
-                    f"{type(router).__name__} gate; only dense gates and "
-                    "TopKRouter gates can be pruned"
-                )
-        return None
-    if isinstance(layer, SoftMoE):
+    if _has_hooks(layer):
         return None
     return (
-        f"{type(layer).__name__} {layer.name!r} is not prunable (supported: "
-        "SparseMoE with TopKRouter routing, MultiGateMoE with dense or "
-        "TopKRouter gates, SoftMoE)"
+        f"{type(layer).__name__} {layer.name!r} is not prunable (it has no "
+        "pruned_config / copy_pruned_weights hooks; supported: SparseMoE, "
+        "MultiGateMoE, SoftMoE and MixtureOfExperts)"
     )
 
 
@@ -338,102 +322,59 @@ def select_experts(model, keep, usage=None):
     return selected
 
 
-def _pruned_config(layer, config, count):
-    """`config` of `layer` for `count` experts."""
-    config = dict(config)
-    config["num_experts"] = count
-    if isinstance(layer, SparseMoE):
-        config["k"] = min(layer.k, count)
-        if layer.custom_router:
-            router = dict(config["router"])
-            router["config"] = dict(
-                router["config"], num_experts=count, k=min(layer.router.k, count)
-            )
-            config["router"] = router
-    elif isinstance(layer, MultiGateMoE):
-        if config.get("k") is not None:
-            config["k"] = min(config["k"], count)
-        if config.get("routers"):
-            routers = []
-            for router, serialized in zip(layer.routers, config["routers"]):
-                serialized = dict(serialized)
-                serialized["config"] = dict(
-                    serialized["config"], num_experts=count, k=min(router.k, count)
-                )
-                routers.append(serialized)
-            config["routers"] = routers
-    return config
-
-
-def _index_map(layer, kept):
-    """Old axis size -> the indices kept along an axis of that size."""
-    mapping = {layer.num_experts: list(kept)}
-    if isinstance(layer, SoftMoE):
-        s = layer.slots_per_expert
-        mapping[layer.num_experts * s] = [e * s + j for e in kept for j in range(s)]
-    return mapping
-
-
-def _copy_pruned(old, new, kept):
-    """Copies the weights of `old` into the pruned layer `new`, slicing
-    every axis that indexes experts (or SoftMoE slots)."""
-    mapping = _index_map(old, kept)
-    old_vars, new_vars = old.weights, new.weights
-    names = ([v.path.split("/")[-1] for v in old_vars],
-             [v.path.split("/")[-1] for v in new_vars])
-    if names[0] != names[1]:
-        raise ValueError(
-            f"Cannot map the weights of {old.name!r} onto its pruned copy: "
-            f"{names[0]} vs {names[1]}"
-        )
-    for source, target in zip(old_vars, new_vars):
-        value = ops.convert_to_numpy(source)
-        for axis, (a, b) in enumerate(zip(source.shape, target.shape)):
-            if a == b:
-                continue
-            indices = mapping.get(a)
-            if indices is None or len(indices) != b:
-                raise ValueError(
-                    f"Cannot prune the weight {source.path} of shape "
-                    f"{tuple(source.shape)} to {tuple(target.shape)}"
-                )
-            value = np.take(value, indices, axis=axis)
-        target.assign(value)
-    # Quantised banks: keep the activation mode of the source bank.
-    for source, target in zip(old._flatten_layers(), new._flatten_layers()):
-        if getattr(source, "quantization_mode", None) and hasattr(
-            source, "inputs_quantizer"
-        ):
-            target.inputs_quantizer = source.inputs_quantizer
-            target.quantization_config = source.quantization_config
-
-
 def prune_experts(model, keep, usage=None):
     """A new model whose MoE layers keep only their most-used experts.
 
     Each pruned layer keeps `keep` of its `E` experts (the most used ones,
-    by `usage`): the expert kernels and biases are sliced, and so are the
-    router or gate kernels' columns (and bias, noise kernel, selection
-    bias) and the routing statistics; `k` becomes `min(k, keep)`; every
-    other weight of the model is copied. The layers are rebuilt from the
-    model's config, so the new model predicts, trains (compile it first:
-    it is returned uncompiled) and saves like any other.
+    by `usage`). The work is done by two hooks that every prunable layer
+    implements, as Keras layers implement `quantize` for `Model.quantize`:
+    `layer.pruned_config(kept)` (the layer's config for the kept experts)
+    and `new_layer.copy_pruned_weights(layer, kept)` (copies the weights,
+    keeping the kept experts' slices); a layer that owns a router asks the
+    router through the same two methods. `prune_experts` rebuilds the model
+    from its config with the pruned layer configs, calls the hooks and
+    copies every other weight, so the new model predicts, trains (compile
+    it first: it is returned uncompiled, with a fresh optimizer) and saves
+    like any other.
 
-    What it preserves: with top-k routing and `k > 1` (weights renormalised
-    over the top `k`) or sigmoid scores, a token whose top-`k` experts are
-    all kept gets exactly the same output, provided nothing was dropped for
-    capacity (dropless inference, `eval_capacity_factor=None`, the CIFAR
-    example's setting; pruning raises the per-expert capacity of a finite
-    factor). Other tokens are re-routed to their best kept experts. With
-    Switch routing (`k = 1`, softmax, weight = raw probability) and dense
-    softmax gates the weights grow, since the softmax is renormalised over
-    the kept experts.
+    What each layer does:
 
-    Supported: `SparseMoE` (its default `TopKRouter` or a custom
-    `TopKRouter`; shared experts are kept as they are), `MultiGateMoE`
-    (dense gates, or `TopKRouter` gates), `SoftMoE` (an expert's slots go
-    with it). Others raise a `ValueError` naming them. Quantised banks are
-    pruned as they are (int8 values and scales sliced).
+    - `MixtureOfExperts` (default gate only; at least 2 experts kept): the
+      kept expert layers are copied whole and the gate's columns sliced.
+    - `SparseMoE`, `MultiGateMoE`, `SoftMoE`: the kept experts' kernels and
+      biases (int8 values and scales of a quantised bank), the dense gates'
+      kernel and bias columns, SoftMoE's slot columns (an expert's slots
+      go with it) and the statistics are sliced; shared experts are kept
+      whole; routers prune themselves.
+    - `TopKRouter`, `ExpertChoiceRouter`, `BalancedAssignmentRouter`,
+      `TaskRouter`: the columns of the kernel (and bias, noise kernel,
+      selection bias) or of the task logit table are kept; `k` becomes
+      `min(k, keep)`.
+    - `HashRouter` with a table (`vocab_size`): ids keep their kept experts
+      (renumbered); a slot of a dropped expert goes to the least loaded kept
+      expert. Without a table (arithmetic hash) it raises a `ValueError`.
+    - `DSelectKRouter`: only a prefix of the experts `[0, ..., E' - 1]`
+      with `k <= E'` (the selectors address experts by binary code; the
+      codes keep their low bits); anything else raises a `ValueError`.
+    - `CGC` and `PLE` have no hooks (their experts belong to tasks, the
+      same number per task) and raise a `ValueError` naming them.
+
+    What it preserves, with dropless inference (`eval_capacity_factor=None`;
+    pruning raises the per-expert capacity of a finite factor): a token
+    whose experts are all kept gets exactly the same output with top-`k`
+    softmax routing and `k > 1` (weights renormalised over the top `k`) or
+    sigmoid scores, task routing with `k > 1`, hash routing (same `k`),
+    BASE routing at inference (an argmax), and DSelect-k when all the
+    token's selector mass is on kept experts. With Switch routing
+    (`k = 1`, weight = raw softmax probability), dense softmax gates and
+    expert choice (weights are softmax scores) the weights of the kept
+    experts grow, since the softmax is renormalised over fewer experts;
+    they are unchanged only if the dropped experts had (nearly) zero
+    probability. Other tokens are re-routed to their best kept experts.
+
+    Optimizer state is not carried over: the new model has no optimizer,
+    and the slots (e.g. Adam moments) of the removed experts are simply
+    gone; compile the pruned model before fine-tuning it.
 
     Args:
         model: a built functional or Sequential model.
@@ -461,20 +402,35 @@ def prune_experts(model, keep, usage=None):
     """
     kept = select_experts(model, keep, usage)
     layers = _model_layers(model)
+    configs, reasons = {}, []
+    for name, indices in kept.items():
+        try:
+            configs[name] = layers[name].pruned_config(list(indices))
+        except ValueError as error:
+            reasons.append(str(error))
+    if reasons:
+        raise ValueError(f"prune_experts cannot prune: {'; '.join(reasons)}")
     serialized = keras.saving.serialize_keras_object(model)
     serialized.pop("compile_config", None)
-    entries = serialized["config"]["layers"]
-    for entry in entries:
+    for entry in serialized["config"]["layers"]:
         name = entry["config"].get("name")
-        if name in kept:
-            entry["config"] = _pruned_config(
-                layers[name], entry["config"], len(kept[name])
+        if name in configs:
+            # Only the entries the hook changed: the others stay serialized
+            # as Keras wrote them.
+            original = layers[name].get_config()
+            entry["config"] = dict(
+                entry["config"],
+                **{
+                    key: value
+                    for key, value in configs[name].items()
+                    if key not in original or original[key] != value
+                },
             )
     pruned = keras.saving.deserialize_keras_object(serialized)
     for name, layer in layers.items():
         target = pruned.get_layer(name)
         if name in kept:
-            _copy_pruned(layer, target, kept[name])
+            target.copy_pruned_weights(layer, list(kept[name]))
         elif layer.weights:
             target.set_weights(layer.get_weights())
     return pruned

@@ -13,13 +13,18 @@ from keras_moe import compression
 from keras_moe.compression import expert_usage, prune_experts, select_experts
 from keras_moe.layers import (
     CGC,
+    DSelectKRouter,
     BoxHead,
     ClassificationHead,
+    BalancedAssignmentRouter,
     ExpertChoiceRouter,
     Experts,
+    HashRouter,
+    MixtureOfExperts,
     MultiGateMoE,
     SoftMoE,
     SparseMoE,
+    TaskRouter,
     TopKRouter,
     default_compile_args,
 )
@@ -122,6 +127,121 @@ def test_pruning_unused_experts_changes_nothing():
     )
 
 
+def test_every_router_family_prunes_through_its_hooks():
+    """Each router prunes itself; tokens whose experts are all kept keep
+    their outputs (the dropped experts are made unreachable, or, for the
+    hash table, only such tokens are compared); the pruned model saves."""
+    rng = np.random.default_rng(5)
+    x = rng.random((16, 4, 8)).astype("float32")  # > 0: see BASE below
+    token_ids = rng.integers(0, 20, (16, 4)).astype("int32")
+    task_ids = rng.integers(0, 3, (16, 4)).astype("int32")
+    inputs = keras.Input((4, 8))
+    ids_in = keras.Input((4,), dtype="int32")
+    tasks_in = keras.Input((4,), dtype="int32")
+
+    def moe(router, name):
+        return zeros(SparseMoE, 6, 8, router=router, eval_capacity_factor=None, name=name)
+
+    routers = {
+        "ec": ExpertChoiceRouter(6, k=2, use_bias=True, kernel_initializer="zeros"),
+        "base": BalancedAssignmentRouter(6, kernel_initializer="zeros"),
+        "dselect": DSelectKRouter(6, k=2, kernel_initializer="zeros"),
+        "task": TaskRouter(6, num_tasks=3, k=2, kernel_initializer="zeros"),
+        "hash": HashRouter(6, k=2, vocab_size=20, seed=0),
+    }
+    outputs = [moe(routers[n], n)(inputs) for n in ("ec", "base", "dselect")]
+    outputs.append(moe(routers["task"], "task")(inputs, routing_inputs=tasks_in))
+    outputs.append(moe(routers["hash"], "hash")(inputs, routing_inputs=ids_in))
+    # MultiGateMoE prunes each task's router through the same hooks.
+    gates = [DSelectKRouter(6, k=2, kernel_initializer="zeros") for _ in range(2)]
+    outputs += zeros(MultiGateMoE, 2, 6, 8, routers=gates, eval_capacity_factor=None,
+                     name="mmoe")(keras.layers.Flatten()(inputs))
+    model = randomize(keras.Model([inputs, ids_in, tasks_in], outputs))
+    # Dropped experts 4 and 5 (1 and 4 for the table): unreachable.
+    routers["ec"].bias.assign(np.array([0, 0, 0, 0, -1e3, -1e3], "float32"))
+    base = to_numpy(routers["base"].kernel)
+    base[:, 4:] = -10.0  # affinities of positive inputs: far below the others
+    routers["base"].kernel.assign(base)
+    code_bias = np.zeros(6, "float32")  # 2 selectors x 3 bits; bit 2 off
+    code_bias[[2, 5]] = -10.0
+    for router in [routers["dselect"]] + gates:
+        router.code_bias.assign(code_bias)
+    logits = to_numpy(routers["task"].task_logits)
+    logits[:, 4:] = -1e3
+    routers["task"].task_logits.assign(logits)
+    data = [x, token_ids, task_ids]
+    expected = model.predict(data, verbose=0)
+
+    keep = {n: [0, 1, 2, 3] for n in ("ec", "base", "dselect", "task", "mmoe")}
+    keep["hash"] = [0, 2, 3, 5]
+    pruned = prune_experts(model, keep)
+    got = pruned.predict(data, verbose=0)
+    names = ("ec", "base", "dselect", "task", None, "mmoe", "mmoe")
+    for name, a, b in zip(names, got, expected):
+        if name is not None:
+            assert pruned.get_layer(name).num_experts == 4, name
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert pruned.get_layer("dselect").router.num_bits == 2
+    # The hash table: ids of kept experts keep them (renumbered), and the
+    # slots of dropped experts are spread over the kept ones.
+    old_table = to_numpy(routers["hash"].table)
+    table = to_numpy(pruned.get_layer("hash").router.table)
+    both_kept = np.isin(old_table, keep["hash"]).all(axis=1)
+    renumber = {e: i for i, e in enumerate(keep["hash"])}
+    np.testing.assert_array_equal(
+        table[both_kept], np.vectorize(renumber.get)(old_table[both_kept])
+    )
+    assert (table[:, 0] != table[:, 1]).all()
+    loads = np.bincount(table.ravel(), minlength=4)
+    assert loads.max() - loads.min() <= 2, loads
+    same = both_kept[token_ids]  # (16, 4) tokens whose experts are kept
+    assert same.any() and not same.all()
+    np.testing.assert_allclose(got[4][same], expected[4][same], rtol=1e-5, atol=1e-6)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pruned.keras")
+        pruned.save(path)
+        reloaded = keras.saving.load_model(path)
+    for a, b in zip(reloaded.predict(data, verbose=0), got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_routers_that_cannot_be_pruned_say_why():
+    hashed = HashRouter(4, k=1)  # arithmetic hash: no table to remap
+    with pytest.raises(ValueError, match="no table.*vocab_size"):
+        hashed.pruned_config([0, 1])
+    dselect = DSelectKRouter(4, k=2)
+    with pytest.raises(ValueError, match=r"k=2 selectors.*\[0\]"):
+        dselect.pruned_config([0])
+    assert dselect.pruned_config([0, 1, 2])["num_experts"] == 3
+
+
+def test_mixture_of_keras_experts_prunes_whole_experts():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 8)).astype("float32")
+    experts = [keras.layers.Dense(4, kernel_initializer="zeros", name=f"e{i}")
+               for i in range(3)]
+    inputs = keras.Input((8,))
+    mix = MixtureOfExperts(experts, k=2, eval_capacity_factor=None, name="mix")
+    model = randomize(keras.Model(inputs, mix(inputs)))
+    mix.gate.bias.assign(np.array([0.0, -1e3, 0.0], "float32"))  # expert 1 unused
+    expected = model.predict(x, verbose=0)
+    pruned = prune_experts(model, {"mix": [0, 2]})
+    layer = pruned.get_layer("mix")
+    assert [e.name for e in layer.experts] == ["e0", "e2"] and layer.k == 2
+    np.testing.assert_allclose(pruned.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        to_numpy(layer.experts[1].kernel), to_numpy(experts[2].kernel)
+    )
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        prune_experts(model, {"mix": [0]})
+    gated = MixtureOfExperts(
+        [keras.layers.Dense(4) for _ in range(2)], gate=keras.layers.Dense(2), name="g"
+    )
+    with pytest.raises(ValueError, match="custom gate"):
+        gated.pruned_config([0, 1])
+
+
 def test_select_experts_keeps_the_most_used():
     inputs = keras.Input((4, 8))
     model = keras.Model(inputs, zeros(SparseMoE, 5, 8, name="moe")(inputs))
@@ -186,13 +306,15 @@ def test_pruning_a_quantized_model_equals_quantizing_the_pruned_one():
 
 def test_errors():
     inputs = keras.Input((4, 8))
-    x = zeros(SparseMoE, 4, 8, router=zeros(ExpertChoiceRouter, 4), name="ec")(inputs)
+    # DSelect-k addresses experts by binary code: only a prefix can be kept.
+    router = DSelectKRouter(4, k=2, kernel_initializer="zeros")
+    x = zeros(SparseMoE, 4, 8, router=router, name="ds")(inputs)
     x = zeros(SparseMoE, 4, 8, name="moe")(x)
     ys = zeros(CGC, 2, 2, 1, hidden_dim=8, name="cgc")(x)
     model = keras.Model(inputs, ys)
-    with pytest.raises(ValueError, match="ExpertChoiceRouter"):
-        prune_experts(model, {"ec": 2})
-    with pytest.raises(ValueError, match="ExpertChoiceRouter.*; CGC 'cgc' is not prunable"):
+    with pytest.raises(ValueError, match=r"DSelectKRouter '.*prefix.*\[1, 3\]"):
+        prune_experts(model, {"ds": [1, 3]})
+    with pytest.raises(ValueError, match="CGC 'cgc' is not prunable"):
         prune_experts(model, 2)  # every MoE layer, CGC included
     with pytest.raises(ValueError, match="keep must be <= num_experts. Received: keep=5"):
         prune_experts(model, {"moe": 5})

@@ -67,3 +67,12 @@ def test_mnist_experts(tmp_path):
     assert "Routing by digit" in out
     assert "reloaded model max |difference|" in out
     assert (tmp_path / "model.keras").exists()
+
+
+def test_mnist_upcycling(tmp_path):
+    out = run_example("mnist_upcycling.py", "--epochs", "1", "--extra-epochs", "1",
+                      "--train-size", "256", tmp_path=tmp_path)
+    difference = out.split("max |upcycled - dense| = ")[1].split()[0]
+    assert float(difference) < 1e-4  # the upcycled model starts as the dense one
+    assert "RESULT model=dense" in out and "RESULT model=upcycled" in out
+    assert "| upcycled |" in (tmp_path / "results.md").read_text()

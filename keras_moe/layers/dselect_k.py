@@ -5,6 +5,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers.routers import routing_output_spec
 from keras_moe.ops import balancing, selection
@@ -237,6 +238,45 @@ class DSelectKRouter(keras.layers.Layer):
     def compute_output_spec(self, inputs, training=None, mask=None):
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)
+
+    def pruned_config(self, kept):
+        """This router's config for the experts `kept` only.
+
+        The selectors address experts by binary code, so only a prefix of
+        the experts, `kept = [0, ..., E' - 1]`, with `k <= E'`, can be kept:
+        the codes of those experts keep their low `ceil(log2 E')` bits
+        (the higher bits are 0 for every kept code, so their factor is
+        common to all kept codes and cancels in the renormalisation).
+        Anything else raises a `ValueError` (renumbering the experts would
+        change which code means which expert: retrain instead).
+        """
+        count = len(kept)
+        if list(kept) != list(range(count)):
+            raise ValueError(
+                f"DSelectKRouter {self.name!r} addresses experts by binary "
+                "codes and can only keep a prefix of its experts, "
+                f"[0, ..., E' - 1]. Received: kept={list(kept)!r}"
+            )
+        if self.k > count:
+            raise ValueError(
+                f"DSelectKRouter {self.name!r} has k={self.k} selectors and "
+                f"cannot keep fewer experts. Received: kept={list(kept)!r}"
+            )
+        return _pruning.router_config(self, kept)
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies `source`'s weights, keeping the low `ceil(log2 E')` code
+        bits of every selector (see `pruned_config`)."""
+        old_bits, new_bits = source.num_bits, self.num_bits
+        kernel = ops.convert_to_numpy(source.code_kernel)
+        kernel = kernel.reshape(kernel.shape[0], self.k, old_bits)[..., :new_bits]
+        self.code_kernel.assign(kernel.reshape(kernel.shape[0], -1))
+        self.selector_kernel.assign(ops.convert_to_numpy(source.selector_kernel))
+        if self.use_bias:
+            bias = ops.convert_to_numpy(source.code_bias)
+            bias = bias.reshape(self.k, old_bits)[:, :new_bits]
+            self.code_bias.assign(bias.reshape(-1))
+            self.selector_bias.assign(ops.convert_to_numpy(source.selector_bias))
 
     def get_config(self):
         config = super().get_config()

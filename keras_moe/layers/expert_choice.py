@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers.routers import default_router_initializer, routing_output_spec
 from keras_moe.ops import balancing
@@ -211,6 +212,17 @@ class ExpertChoiceRouter(keras.layers.Layer):
         return routing_output_spec(
             self.compute_output_shape(inputs.shape), self.compute_dtype
         )
+
+    def pruned_config(self, kept):
+        """This router's config for the experts `kept` only (a sorted list of
+        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
+        return _pruning.router_config(self, kept)
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies `source`'s weights into this pruned router, keeping the
+        columns of the kernel and bias of the `kept` experts (see
+        `keras_moe.compression.prune_experts`)."""
+        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
 
     def get_config(self):
         config = super().get_config()

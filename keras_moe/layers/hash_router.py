@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
 from keras_moe.layers.routers import routing_output_spec
@@ -38,6 +39,37 @@ def balanced_hash_table(vocab_size, num_experts, k, seed):
             table[token] = chosen
             load[chosen] += 1
     return table
+
+
+def remap_hash_table(table, kept, k):
+    """A `(V, k)` hash table for the experts `kept` only.
+
+    Each id keeps its kept experts (renumbered: `kept[i]` becomes `i`, in
+    the id's order); a slot that pointed to a dropped expert takes the
+    least loaded kept expert that the id does not hold yet (loads counted
+    over the whole table, ties to the lower index), so the new table stays
+    nearly balanced. With `k < table.shape[1]` each id keeps its first `k`
+    kept experts.
+    """
+    table = np.asarray(table)
+    count = len(kept)
+    size = max(int(table.max(initial=0)), max(kept)) + 1
+    lookup = np.full(size, -1, "int64")
+    lookup[list(kept)] = np.arange(count)
+    mapped = lookup[table]
+    out = np.zeros((table.shape[0], k), "int32")
+    load = np.bincount(mapped[mapped >= 0], minlength=count).astype("int64")
+    for row, experts in enumerate(mapped):
+        chosen = [int(e) for e in experts if e >= 0][:k]
+        if len(chosen) < k:
+            for e in np.argsort(load, kind="stable"):
+                if len(chosen) == k:
+                    break
+                if int(e) not in chosen:
+                    chosen.append(int(e))
+                    load[e] += 1
+        out[row] = chosen
+    return out
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -205,6 +237,30 @@ class HashRouter(keras.layers.Layer):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)
+
+    def pruned_config(self, kept):
+        """This router's config for the experts `kept` only (a sorted list
+        of old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`.
+
+        Only a table router (`vocab_size` given) can be pruned: the
+        arithmetic hash spreads ids over all `E` experts by a formula, with
+        no table to point elsewhere, so it raises a `ValueError`.
+        """
+        if self.vocab_size is None:
+            raise ValueError(
+                f"HashRouter {self.name!r} has no table (vocab_size=None): its "
+                "arithmetic hash sends ids to every one of the "
+                f"{self.num_experts} experts and cannot be remapped to fewer. "
+                "Use a HashRouter with a vocab_size table to prune."
+            )
+        return _pruning.router_config(self, kept)
+
+    def copy_pruned_weights(self, source, kept):
+        """Remaps `source`'s table (see `remap_hash_table`): an id whose
+        experts are all kept keeps them (renumbered); a slot of a dropped
+        expert goes to the least loaded kept expert."""
+        table = ops.convert_to_numpy(source.table)
+        self.table.assign(remap_hash_table(table, kept, self.k))
 
     def get_config(self):
         config = super().get_config()

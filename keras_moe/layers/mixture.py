@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import quantized_dtype_config
@@ -481,6 +482,39 @@ class MixtureOfExperts(keras.layers.Layer):
         )
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=dtype
+        )
+
+    def pruned_config(self, kept):
+        """This layer's config with the experts `kept` only (a sorted list
+        of old indices), for `keras_moe.compression.prune_experts`: the kept
+        experts' configs and `k = min(k, len(kept))`. Needs the default
+        gate (a custom gate is a layer whose outputs this layer cannot
+        slice) and at least two kept experts."""
+        if self.custom_gate:
+            raise ValueError(
+                f"MixtureOfExperts {self.name!r} has a custom gate "
+                f"({type(self.gate).__name__}), whose logits it cannot slice; "
+                "only the default gate can be pruned"
+            )
+        if len(kept) < 2:
+            raise ValueError(
+                f"MixtureOfExperts {self.name!r} needs at least 2 experts. "
+                f"Received: kept={list(kept)!r}"
+            )
+        config = self.get_config()
+        config["experts"] = [config["experts"][i] for i in kept]
+        if self.k is not None:
+            config["k"] = min(self.k, len(kept))
+        return config
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies the weights of `source` (the unpruned layer): the kept
+        experts whole, the gate's kernel and bias columns of the kept
+        experts, the attention layers and the statistics."""
+        for new, index in zip(self.experts, kept):
+            new.set_weights(source.experts[index].get_weights())
+        _pruning.copy_sliced(
+            self, source, {source.num_experts: list(kept)}, exclude=("experts",)
         )
 
     def get_config(self):

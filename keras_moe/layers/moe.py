@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe.distribution import constrain, has_tensor_layout
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
@@ -688,6 +689,31 @@ class SparseMoE(keras.layers.Layer):
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
         )
+
+    def pruned_config(self, kept):
+        """This layer's config with the experts `kept` only (a sorted list
+        of old indices), for `keras_moe.compression.prune_experts`:
+        `num_experts = len(kept)`, the router's own `pruned_config(kept)`
+        and its `k`. Shared experts are kept whole."""
+        config = self.get_config()
+        config["num_experts"] = len(kept)
+        router = _pruning.pruning_hook(self.router, "pruned_config")(kept)
+        config["k"] = router.get("k", self.k)
+        if self.custom_router:
+            config["router"] = _pruning.serialized_pruned_router(self.router, kept)
+        return config
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies the weights of `source` (the unpruned layer) into this
+        pruned layer: the router through its own `copy_pruned_weights`; the
+        kept experts' kernels and biases (int8 values and scales of a
+        quantised bank) and their `expert_load`; everything else (shared
+        experts and their gate) as it is."""
+        _pruning.pruning_hook(self.router, "copy_pruned_weights")(source.router, kept)
+        _pruning.copy_sliced(
+            self, source, {source.num_experts: list(kept)}, exclude=("router",)
+        )
+        _pruning.copy_quantization_state(self, source)
 
     def get_config(self):
         config = super().get_config()

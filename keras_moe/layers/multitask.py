@@ -11,6 +11,7 @@ with `routing_stats()` or logged with `keras_moe.callbacks.RoutingMetrics`.
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
@@ -640,6 +641,35 @@ class MultiGateMoE(keras.layers.Layer):
             keras.KerasTensor(shape, dtype=self.compute_dtype)
             for shape in self.compute_output_shape(inputs.shape)
         ]
+
+    def pruned_config(self, kept):
+        """This layer's config with the experts `kept` only (a sorted list
+        of old indices), for `keras_moe.compression.prune_experts`:
+        `num_experts = len(kept)`, `k = min(k, len(kept))`, and each custom
+        router's own `pruned_config(kept)`."""
+        config = self.get_config()
+        count = len(kept)
+        config["num_experts"] = count
+        if self.k is not None:
+            config["k"] = min(self.k, count)
+        if self.custom_routers:
+            config["routers"] = [
+                _pruning.serialized_pruned_router(router, kept)
+                for router in self.routers
+            ]
+        return config
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies the weights of `source` (the unpruned layer): each router
+        through its own `copy_pruned_weights`, the kept experts, the dense
+        gates' kernel and bias columns and the statistics of the kept
+        experts."""
+        for new, old in zip(self.routers or [], source.routers or []):
+            _pruning.pruning_hook(new, "copy_pruned_weights")(old, kept)
+        _pruning.copy_sliced(
+            self, source, {source.num_experts: list(kept)}, exclude=("routers",)
+        )
+        _pruning.copy_quantization_state(self, source)
 
     def get_config(self):
         config = super().get_config()

@@ -29,6 +29,7 @@ import inspect
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.ops import balancing, dispatching, selection
 
@@ -411,6 +412,17 @@ class TopKRouter(keras.layers.Layer):
         if self.noisy_gating and training:
             shapes["load_loss"] = ()
         return routing_output_spec(shapes, self.compute_dtype)
+
+    def pruned_config(self, kept):
+        """This router's config for the experts `kept` only (a sorted list of
+        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
+        return _pruning.router_config(self, kept)
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies `source`'s weights into this pruned router, keeping the
+        columns of the kernel, noise kernel, bias and selection bias of the `kept` experts (see
+        `keras_moe.compression.prune_experts`)."""
+        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
 
     def get_config(self):
         config = super().get_config()

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
@@ -203,6 +204,20 @@ class SoftMoE(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         input_shape = self._check_shape(input_shape)
         return input_shape[:-1] + (self.output_dim or input_shape[-1],)
+
+    def pruned_config(self, kept):
+        """This layer's config with the experts `kept` only (a sorted list
+        of old indices), for `keras_moe.compression.prune_experts`."""
+        return dict(self.get_config(), num_experts=len(kept))
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies the weights of `source` (the unpruned layer): the kept
+        experts and their `slots_per_expert` slot columns go together."""
+        s = source.slots_per_expert
+        slots = [e * s + j for e in kept for j in range(s)]
+        mapping = {source.num_experts * s: slots, source.num_experts: list(kept)}
+        _pruning.copy_sliced(self, source, mapping)
+        _pruning.copy_quantization_state(self, source)
 
     def get_config(self):
         config = super().get_config()

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
 from keras_moe.layers.routers import routing_output_spec
@@ -207,6 +208,17 @@ class TaskRouter(keras.layers.Layer):
         _routing_ids.require_ids(self, inputs, routing_inputs)
         shapes = self.compute_output_shape(inputs.shape)
         return routing_output_spec(shapes, self.compute_dtype)
+
+    def pruned_config(self, kept):
+        """This router's config for the experts `kept` only (a sorted list of
+        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
+        return _pruning.router_config(self, kept)
+
+    def copy_pruned_weights(self, source, kept):
+        """Copies `source`'s weights into this pruned router, keeping the
+        columns of the task logit table of the `kept` experts (see
+        `keras_moe.compression.prune_experts`)."""
+        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
 
     def get_config(self):
         config = super().get_config()
