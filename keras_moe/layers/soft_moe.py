@@ -149,7 +149,9 @@ class SoftMoE(keras.layers.Layer):
         inputs = ops.cast(inputs, self.compute_dtype)
         e, s = self.num_experts, self.slots_per_expert
         if mask is not None:
-            mask = self._check_mask(mask, shape)
+            mask = ops.reshape(
+                check.token_mask(self.name, mask, inputs), ops.shape(inputs)[:2]
+            )
             # Replaced, not multiplied by 0: a NaN in padding stays out.
             inputs = ops.where(mask[..., None], inputs, ops.zeros_like(inputs))
         logits = ops.cast(self.logits(inputs), "float32")
@@ -180,18 +182,6 @@ class SoftMoE(keras.layers.Layer):
             ops.stop_gradient(load / ops.maximum(ops.sum(load), 1e-9))
         )
         return y
-
-    def _check_mask(self, mask, shape):
-        mask = ops.convert_to_tensor(mask)
-        if len(mask.shape) != 2 or any(
-            m is not None and e is not None and m != e
-            for m, e in zip(mask.shape, shape[:2])
-        ):
-            raise ValueError(
-                f"{self.name}: the mask must be (batch, tokens), {shape[:2]}. "
-                f"Received: mask shape {tuple(mask.shape)}"
-            )
-        return mask if mask.dtype == "bool" else ops.not_equal(mask, 0)
 
     def routing_stats(self):
         """Per-expert share of the combine weights in the last call; Soft MoE

@@ -168,6 +168,11 @@ def group_expert_load(
     default: all.
     """
     member, _ = _group_matrix(groups, num_groups, mask)
+    return _group_load(member, expert_index, num_experts, selected)
+
+
+def _group_load(member, expert_index, num_experts, selected=None):
+    """`group_expert_load` from the `(N, G)` membership matrix."""
     one_hot = ops.one_hot(expert_index, num_experts, dtype="float32")
     if selected is not None:
         one_hot = ops.where(ops.cast(selected, "bool")[..., None], one_hot, 0.0)
@@ -206,7 +211,7 @@ def group_load_balancing_loss(
     probs = ops.cast(probs, "float32")
     if mask is not None:  # a NaN in a masked token stays out
         probs = ops.where(token_weights(mask)[:, None] > 0, probs, 0.0)
-    fraction = group_expert_load(expert_index, num_experts, groups, num_groups, mask)
+    fraction = _group_load(member, expert_index, num_experts)
     mean_prob = ops.matmul(ops.transpose(member), probs) / ops.maximum(
         counts, 1.0
     )[:, None]
