@@ -291,17 +291,22 @@ def print_train(rows, args):
 def print_memory(rows):
     print("\nPeak memory a training step adds (MiB; weights not included, "
           "weight gradients included)\n")
-    print("| backend | N | k | E | cf | FFN | SparseMoE | dense dispatch | SparseMoE / FFN "
+    print("| backend | N | k | E | cf | FFN | SparseMoE (cf) | SparseMoE dropless "
+          "| dense dispatch | SparseMoE (cf) / FFN | dropless / FFN "
           "| SparseMoE weights (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["backend"], r["N"], r["k"], r["E"], r["cf"]), {})[r["model"]] = r
     for (backend, n, k, e, cf), m in keyed.items():
-        ffn, sparse, dense = (m.get(x, {}).get("step_mib") for x in ("ffn", "sparse", "dense"))
+        ffn, sparse, dropless, dense = (
+            m.get(x, {}).get("step_mib") for x in ("ffn", "sparse", "dropless", "dense")
+        )
         ratio = sparse / ffn if sparse is not None and ffn else None
+        ratio_dropless = dropless / ffn if dropless is not None and ffn else None
         print(f"| {backend} | {n} | {k} | {e} | {cf} | {cell(ffn, '.0f')} | "
-              f"{cell(sparse, '.0f')} | {cell(dense, '.0f')} | {cell(ratio, '.2f')} | "
+              f"{cell(sparse, '.0f')} | {cell(dropless, '.0f')} | {cell(dense, '.0f')} | "
+              f"{cell(ratio, '.2f')} | {cell(ratio_dropless, '.2f')} | "
               f"{m['sparse']['weights_mib']:.0f} |")
 
 
@@ -359,7 +364,9 @@ def main():
         else:
             ffn = {}  # the FFN depends on N and k only: measured once
             for n, k, e, cf in grid(args):
-                names = ["sparse"] + (["dense"] if e * n <= args.dense_limit else [])
+                names = ["sparse", "dropless"] + (
+                    ["dense"] if e * n <= args.dense_limit else []
+                )
                 if (n, k) not in ffn:
                     names.insert(0, "ffn")
                 for name in names:
