@@ -29,7 +29,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.layers.moe import SparseMoE
+from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.routers import TopKRouter
 
 __all__ = ["KerasHubMoEBlock", "from_keras_hub", "replace_moe_blocks"]

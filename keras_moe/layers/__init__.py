@@ -13,8 +13,8 @@ from keras_moe.layers.heads import (
     default_compile_args,
 )
 from keras_moe.layers.mixture import MixtureOfExperts
-from keras_moe.layers.moe import SparseMoE
-from keras_moe.layers.multitask import CGC, PLE, MultiGateMoE
+from keras_moe.layers.sparse_moe import SparseMoE
+from keras_moe.layers.mmoe import CGC, PLE, MultiGateMoE
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.layers.soft_moe import SoftMoE
 from keras_moe.layers.task_router import TaskRouter

@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.ops.dropless import gather_experts
 
 # The kernels of an expert bank, in the order they are saved; each has the

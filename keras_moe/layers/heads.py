@@ -9,7 +9,7 @@ with `model.compile(optimizer, **default_compile_args(model))`.
 import keras
 from keras import ops
 
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers.experts import quantized_dtype_config
 
 OUTPUT_MODES = ("probabilities", "logits")

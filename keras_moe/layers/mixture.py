@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.layers.routers import default_router_initializer

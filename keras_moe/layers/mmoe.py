@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers.experts import Experts
 from keras_moe.layers.heads import (
     BinaryHead,
