@@ -20,11 +20,9 @@ from keras_moe.compression.distillation import (
     DISTILLATION_LOSSES,
     Distiller,
     distillation_loss,
-    expert_usage,
-    prune_experts,
-    select_experts,
-    weight_bytes,
 )
+from keras_moe.compression.pruning import prune_experts, select_experts
+from keras_moe.compression.usage import expert_usage, weight_bytes
 
 __all__ = [
     "DISTILLATION_LOSSES",

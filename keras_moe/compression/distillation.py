@@ -1,444 +1,24 @@
-"""Shrinking a trained MoE model: measure expert usage, prune experts, distil.
-
-- `expert_usage(model, data)`: every MoE layer's per-expert load, summed
-  over a whole dataset (a layer's `routing_stats()` only hold the last
-  batch).
-- `select_experts(model, keep, usage)` / `prune_experts(model, keep, usage)`:
-  a new model in which the chosen MoE layers keep their most-used experts.
-- `Distiller(student, teacher)`: trains a (dense) student on the labels and
-  on a teacher's outputs, inside `compile`/`fit`.
-- int8 quantisation is Keras' own `model.quantize("int8")`, which every
-  `Experts` bank implements (see `keras_moe.layers.Experts`);
-  `weight_bytes(model, experts_only=True)` measures what it saves.
-
-See docs/compression.md.
-"""
+"""Knowledge distillation of a teacher (e.g. an MoE model) into a student:
+`Distiller`, `distillation_loss`."""
 
 import copy
-import numbers
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_moe.utils import validation as check
-from keras_moe.layers.experts import Experts
 from keras_moe.layers.heads import (
     BinaryHead,
     BoxHead,
     ClassificationHead,
     RegressionHead,
-    _output_items,
 )
-
-
-def weight_bytes(layer, experts_only=False):
-    """Bytes of the variables of `layer` (a layer or model): every variable,
-    or with `experts_only=True` those of its `Experts` banks (what
-    `quantize("int8")` shrinks). Counts `shape x dtype size`; a variable
-    shared by several layers is counted once.
-
-    Example:
-
-    >>> from keras_moe.layers import Experts
-    >>> bank = Experts(num_experts=4, hidden_dim=128)
-    >>> bank.build((4, None, 64))
-    >>> before = weight_bytes(bank)
-    >>> bank.quantize("int8")
-    >>> round(before / weight_bytes(bank), 2)
-    3.7
-    """
-    if experts_only:
-        layers = [
-            sub
-            for sub in layer._flatten_layers(include_self=True)
-            if isinstance(sub, Experts)
-        ]
-    else:
-        layers = [layer]
-    seen, total = set(), 0
-    for sub in layers:
-        for variable in sub.weights:
-            if id(variable) in seen:
-                continue
-            seen.add(id(variable))
-            total += int(np.prod(variable.shape, dtype="int64")) * np.dtype(
-                variable.dtype
-            ).itemsize
-    return total
-
-# ---------------------------------------------------------------------------
-# Expert usage over a dataset
-# ---------------------------------------------------------------------------
-
-
-def _usage_layers(model):
-    """The layers under `model` that keep a per-expert `expert_load`."""
-    found = {}
-    for layer in model._flatten_layers(include_self=False):
-        load = getattr(layer, "expert_load", None)
-        if isinstance(load, keras.Variable) and callable(
-            getattr(layer, "routing_stats", None)
-        ):
-            if layer.name in found and found[layer.name] is not layer:
-                raise ValueError(
-                    "expert_usage needs distinct names for the MoE layers. "
-                    f"Received: two layers named {layer.name!r}"
-                )
-            found[layer.name] = layer
-    return found
-
-
-def _inputs_of(element):
-    """The model inputs of one dataset element: `x` of `(x, y[, w])`."""
-    if isinstance(element, tuple):
-        return element[0]
-    return element
-
-
-def _to_numpy(x):
-    return keras.tree.map_structure(np.asarray, x)
-
-
-def _num_examples(x):
-    return int(np.shape(keras.tree.flatten(x)[0])[0])
-
-
-def _batches(data, batch_size, steps):
-    """Input batches from arrays (sliced), a `PyDataset`, or any iterable of
-    `x` or `(x, y[, w])` elements (`tf.data.Dataset`, generators)."""
-    if isinstance(data, keras.utils.PyDataset):
-        count = len(data) if steps is None else min(steps, len(data))
-        for index in range(count):
-            yield _to_numpy(_inputs_of(data[index]))
-        return
-    x = _inputs_of(data)
-    leaves = keras.tree.flatten(x) if isinstance(x, (list, dict)) else [x]
-    if all(isinstance(leaf, np.ndarray) for leaf in leaves):
-        n = _num_examples(x)
-        batch_size = check.positive_int("batch_size", batch_size)
-        for step, start in enumerate(range(0, n, batch_size)):
-            if steps is not None and step >= steps:
-                return
-            yield keras.tree.map_structure(
-                lambda a: a[start : start + batch_size], x
-            )
-        return
-    for step, element in enumerate(data):
-        if steps is not None and step >= steps:
-            return
-        yield _to_numpy(_inputs_of(element))
-
-
-def expert_usage(model, data, batch_size=32, steps=None):
-    """Per-expert load of every MoE layer of `model`, over a whole dataset.
-
-    Runs `model.predict_on_batch` (inference mode) on every batch of `data`
-    and sums each layer's `expert_load` (the share of the routed
-    (token, choice) pairs, or of the gate mass, that each expert received in
-    that call), weighted by the examples in the batch; so the result is the
-    share of the whole dataset's routing that each expert received.
-
-    Args:
-        model: a built Keras model containing MoE layers (`SparseMoE`,
-            `SoftMoE`, `MultiGateMoE`, `CGC` levels, `MixtureOfExperts`:
-            any layer with an `expert_load` statistic).
-        data: NumPy inputs (an array, a list or dict of arrays, or a tuple
-            `(x, y)`), sliced into batches of `batch_size`; or a
-            `keras.utils.PyDataset`, a `tf.data.Dataset` or any iterable of
-            `x` or `(x, y[, sample_weight])` batches.
-        batch_size: the batch size for NumPy inputs.
-        steps: read at most this many batches (default: all).
-
-    Returns:
-        `{layer name: float64 array (E,)}`, each summing to 1.
-
-    Example:
-
-    >>> import keras
-    >>> import numpy as np
-    >>> from keras_moe.layers import SparseMoE
-    >>> inputs = keras.Input((4, 8))
-    >>> model = keras.Model(inputs, SparseMoE(4, 16, name="moe")(inputs))
-    >>> usage = expert_usage(model, np.random.rand(64, 4, 8).astype("float32"))
-    >>> usage["moe"].shape, round(float(usage["moe"].sum()), 6)
-    ((4,), 1.0)
-    """
-    layers = _usage_layers(model)
-    if not layers:
-        raise ValueError(
-            "expert_usage found no MoE layer (a layer with an `expert_load` "
-            f"statistic) in the model. Received: model={model.name!r}"
-        )
-    if steps is not None:
-        steps = check.positive_int("steps", steps)
-    totals = {name: None for name in layers}
-    examples = 0
-    for x in _batches(data, batch_size, steps):
-        n = _num_examples(x)
-        if n == 0:
-            continue
-        model.predict_on_batch(x)
-        for name, layer in layers.items():
-            load = ops.convert_to_numpy(layer.expert_load).astype("float64")
-            totals[name] = n * load if totals[name] is None else totals[name] + n * load
-        examples += n
-    if not examples:
-        raise ValueError("expert_usage received no data (zero batches or examples).")
-    usage = {}
-    for name, total in totals.items():
-        mass = total.sum()
-        usage[name] = total / mass if mass > 0 else total
-    return usage
-
-
-# ---------------------------------------------------------------------------
-# Expert pruning
-# ---------------------------------------------------------------------------
-
-
-def _is_moe(layer):
-    return _has_hooks(layer) or hasattr(layer, "num_experts") or any(
-        hasattr(layer, a) for a in ("num_task_experts", "levels")
-    )
-
-
-def _has_hooks(layer):
-    return callable(getattr(layer, "pruned_config", None)) and callable(
-        getattr(layer, "copy_pruned_weights", None)
-    )
-
-
-def _unsupported_reason(layer):
-    if _has_hooks(layer):
-        return None
-    return (
-        f"{type(layer).__name__} {layer.name!r} is not prunable (it has no "
-        "pruned_config / copy_pruned_weights hooks; supported: SparseMoE, "
-        "MultiGateMoE, SoftMoE and MixtureOfExperts)"
-    )
-
-
-def _is_graph_model(model):
-    """A functional or Sequential model (one that Keras rebuilds from a
-    config listing its layers)."""
-    return isinstance(model, keras.Sequential) or (
-        isinstance(model, keras.Model) and hasattr(model, "_outputs_struct")
-    )
-
-
-def _model_layers(model):
-    if not _is_graph_model(model):
-        raise ValueError(
-            "prune_experts needs a functional or Sequential model (it "
-            "rebuilds the model from its config). Received: "
-            f"{type(model).__name__} {model.name!r}"
-        )
-    return {layer.name: layer for layer in model.layers}
-
-
-def select_experts(model, keep, usage=None):
-    """The experts that `prune_experts` keeps: `{layer name: sorted indices}`.
-
-    Args:
-        model: a functional or Sequential model.
-        keep: an int (every MoE layer of the model keeps that many experts),
-            or a dict `{layer name: int or list of expert indices}` for the
-            layers to prune (the others are copied unchanged).
-        usage: `{layer name: (E,) loads}` as returned by `expert_usage`; by
-            default each layer's `routing_stats()["expert_load"]`, i.e. the
-            last batch it saw (measure a dataset with `expert_usage`).
-
-    Returns:
-        `{layer name: list of the kept expert indices, ascending}`: the
-        `keep` experts with the largest usage (ties: the lower index).
-    """
-    layers = _model_layers(model)
-    if isinstance(keep, dict):
-        requests = dict(keep)
-        for name in requests:
-            if name not in layers:
-                raise ValueError(
-                    f"keep names a layer that the model does not have at its "
-                    f"top level. Received: {name!r}; MoE layers: "
-                    f"{sorted(n for n, l in layers.items() if _is_moe(l))}"
-                )
-    elif isinstance(keep, numbers.Integral) and not isinstance(keep, bool):
-        requests = {name: keep for name, layer in layers.items() if _is_moe(layer)}
-        if not requests:
-            raise ValueError(
-                f"The model has no MoE layer at its top level. Received: "
-                f"model={model.name!r}"
-            )
-    else:
-        raise ValueError(
-            "keep must be an int or a dict {layer name: int or list of "
-            f"expert indices}}. Received: keep={keep!r}"
-        )
-    reasons = [_unsupported_reason(layers[name]) for name in requests]
-    reasons = [reason for reason in reasons if reason is not None]
-    if reasons:
-        raise ValueError(
-            f"prune_experts cannot prune {'; '.join(reasons)}. Pass keep as a "
-            "dict naming only the layers to prune."
-        )
-    selected = {}
-    for name, request in requests.items():
-        layer = layers[name]
-        e = layer.num_experts
-        if isinstance(request, (list, tuple, np.ndarray)):
-            indices = sorted({int(i) for i in request})
-            if not indices or len(indices) != len(request) or not all(
-                0 <= i < e for i in indices
-            ):
-                raise ValueError(
-                    f"The experts to keep in {name!r} must be distinct indices "
-                    f"in [0, {e}). Received: {list(request)!r}"
-                )
-            selected[name] = indices
-            continue
-        count = check.positive_int(f"keep[{name!r}]", request)
-        if count > e:
-            raise ValueError(
-                f"keep must be <= num_experts. Received: keep={count}, "
-                f"num_experts={e} ({name!r})"
-            )
-        if usage is not None and name in usage:
-            load = np.asarray(usage[name], "float64")
-        else:
-            load = np.asarray(layer.routing_stats()["expert_load"], "float64")
-            if not load.any():
-                raise ValueError(
-                    f"{name!r} has no routing statistics yet (it was never "
-                    "called); pass usage=expert_usage(model, data)."
-                )
-        if load.shape != (e,):
-            raise ValueError(
-                f"usage[{name!r}] must have one value per expert, shape "
-                f"({e},). Received: shape {load.shape}"
-            )
-        order = np.argsort(-load, kind="stable")
-        selected[name] = sorted(int(i) for i in order[:count])
-    return selected
-
-
-def prune_experts(model, keep, usage=None):
-    """A new model whose MoE layers keep only their most-used experts.
-
-    Each pruned layer keeps `keep` of its `E` experts (the most used ones,
-    by `usage`). The work is done by two hooks that every prunable layer
-    implements, as Keras layers implement `quantize` for `Model.quantize`:
-    `layer.pruned_config(kept)` (the layer's config for the kept experts)
-    and `new_layer.copy_pruned_weights(layer, kept)` (copies the weights,
-    keeping the kept experts' slices); a layer that owns a router asks the
-    router through the same two methods. `prune_experts` rebuilds the model
-    from its config with the pruned layer configs, calls the hooks and
-    copies every other weight, so the new model predicts, trains (compile
-    it first: it is returned uncompiled, with a fresh optimizer) and saves
-    like any other.
-
-    What each layer does:
-
-    - `MixtureOfExperts` (default gate only; at least 2 experts kept): the
-      kept expert layers are copied whole and the gate's columns sliced.
-    - `SparseMoE`, `MultiGateMoE`, `SoftMoE`: the kept experts' kernels and
-      biases (int8 values and scales of a quantised bank), the dense gates'
-      kernel and bias columns, SoftMoE's slot columns (an expert's slots
-      go with it) and the statistics are sliced; shared experts are kept
-      whole; routers prune themselves.
-    - `TopKRouter`, `ExpertChoiceRouter`, `BalancedAssignmentRouter`,
-      `TaskRouter`: the columns of the kernel (and bias, noise kernel,
-      selection bias) or of the task logit table are kept; `k` becomes
-      `min(k, keep)`.
-    - `HashRouter` with a table (`vocab_size`): ids keep their kept experts
-      (renumbered); a slot of a dropped expert goes to the least loaded kept
-      expert. Without a table (arithmetic hash) it raises a `ValueError`.
-    - `DSelectKRouter`: only a prefix of the experts `[0, ..., E' - 1]`
-      with `k <= E'` (the selectors address experts by binary code; the
-      codes keep their low bits); anything else raises a `ValueError`.
-    - `CGC` and `PLE` have no hooks (their experts belong to tasks, the
-      same number per task) and raise a `ValueError` naming them.
-
-    What it preserves, with dropless inference (`eval_capacity_factor=None`;
-    pruning raises the per-expert capacity of a finite factor): a token
-    whose experts are all kept gets exactly the same output with top-`k`
-    softmax routing and `k > 1` (weights renormalised over the top `k`) or
-    sigmoid scores, task routing with `k > 1`, hash routing (same `k`),
-    BASE routing at inference (an argmax), and DSelect-k when all the
-    token's selector mass is on kept experts. With Switch routing
-    (`k = 1`, weight = raw softmax probability), dense softmax gates and
-    expert choice (weights are softmax scores) the weights of the kept
-    experts grow, since the softmax is renormalised over fewer experts;
-    they are unchanged only if the dropped experts had (nearly) zero
-    probability. Other tokens are re-routed to their best kept experts.
-
-    Optimizer state is not carried over: the new model has no optimizer,
-    and the slots (e.g. Adam moments) of the removed experts are simply
-    gone; compile the pruned model before fine-tuning it.
-
-    Args:
-        model: a built functional or Sequential model.
-        keep: an int (every MoE layer at the top level of the model keeps
-            that many experts), or a dict `{layer name: int or list of
-            expert indices to keep}` for the layers to prune.
-        usage: `{layer name: (E,) loads}`, e.g. from
-            `expert_usage(model, data)`; default: each layer's last-batch
-            `routing_stats()`.
-
-    Returns:
-        A new, uncompiled Keras model of the same class.
-
-    Example:
-
-    >>> import keras
-    >>> import numpy as np
-    >>> from keras_moe.layers import SparseMoE
-    >>> inputs = keras.Input((4, 8))
-    >>> model = keras.Model(inputs, SparseMoE(4, 16, k=2, name="moe")(inputs))
-    >>> data = np.random.rand(64, 4, 8).astype("float32")
-    >>> small = prune_experts(model, {"moe": 2}, usage=expert_usage(model, data))
-    >>> small.get_layer("moe").num_experts, small.predict(data, verbose=0).shape
-    (2, (64, 4, 8))
-    """
-    kept = select_experts(model, keep, usage)
-    layers = _model_layers(model)
-    configs, reasons = {}, []
-    for name, indices in kept.items():
-        try:
-            configs[name] = layers[name].pruned_config(list(indices))
-        except ValueError as error:
-            reasons.append(str(error))
-    if reasons:
-        raise ValueError(f"prune_experts cannot prune: {'; '.join(reasons)}")
-    serialized = keras.saving.serialize_keras_object(model)
-    serialized.pop("compile_config", None)
-    for entry in serialized["config"]["layers"]:
-        name = entry["config"].get("name")
-        if name in configs:
-            # Only the entries the hook changed: the others stay serialized
-            # as Keras wrote them.
-            original = layers[name].get_config()
-            entry["config"] = dict(
-                entry["config"],
-                **{
-                    key: value
-                    for key, value in configs[name].items()
-                    if key not in original or original[key] != value
-                },
-            )
-    pruned = keras.saving.deserialize_keras_object(serialized)
-    for name, layer in layers.items():
-        target = pruned.get_layer(name)
-        if name in kept:
-            target.copy_pruned_weights(layer, list(kept[name]))
-        elif layer.weights:
-            target.set_weights(layer.get_weights())
-    return pruned
-
-
-# ---------------------------------------------------------------------------
-# Distillation
-# ---------------------------------------------------------------------------
+from keras_moe.utils import validation as check
+from keras_moe.utils.keras_internals import (
+    is_graph_model,
+    output_items,
+    output_structure,
+    producing_layer,
+)
 
 DISTILLATION_LOSSES = ("kl", "kl_logits", "binary_kl", "binary_kl_logits", "mse", "l1")
 _EPSILON = 1e-7
@@ -520,13 +100,13 @@ def _output_names(model):
     """`[(name, producing layer)]` of a functional model's outputs, in the
     order of `keras.tree.flatten` of its output structure."""
     try:
-        items = _output_items(model)
+        items = output_items(model)
     except ValueError:
         return None
-    structure = getattr(model, "_outputs_struct", None)
+    structure = output_structure(model)
     if isinstance(structure, dict):
         items = sorted(items)  # keras.tree.flatten sorts dict keys
-    return [(name, tensor._keras_history[0]) for name, tensor in items]
+    return [(name, producing_layer(tensor)) for name, tensor in items]
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -612,7 +192,7 @@ class Distiller(keras.Model):
         if isinstance(teacher, dict):
             teacher = keras.saving.deserialize_keras_object(copy.deepcopy(teacher))
         for role, model in (("student", student), ("teacher", teacher)):
-            if not _is_graph_model(model) or not model.built:
+            if not is_graph_model(model) or not model.built:
                 raise ValueError(
                     f"{role} must be a built functional or Sequential Keras "
                     f"model. Received: {role}={model!r}"
@@ -637,8 +217,8 @@ class Distiller(keras.Model):
             count = len(keras.tree.flatten(self.student.outputs))
             names = [f"output_{i}" for i in range(count)] if count > 1 else ["output"]
         teacher_count = len(keras.tree.flatten(self.teacher.outputs))
-        teacher_dict = isinstance(getattr(self.teacher, "_outputs_struct", None), dict)
-        student_dict = isinstance(getattr(self.student, "_outputs_struct", None), dict)
+        teacher_dict = isinstance(output_structure(self.teacher), dict)
+        student_dict = isinstance(output_structure(self.student), dict)
         teacher_named = _output_names(self.teacher)
         if teacher_count != len(names) or (
             teacher_dict

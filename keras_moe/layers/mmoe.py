@@ -1,98 +1,35 @@
-"""Multi-task mixtures of experts: MMoE (with dense or sparse gates), CGC and
-PLE.
+"""Multi-gate Mixture-of-Experts (MMoE), with dense or sparse gates.
 
-One shared input, `T` task outputs. The experts are shared (MMoE) or split
-into per-task and shared groups (CGC, PLE); every task mixes them with its
-own gate. Every layer keeps per-task expert-usage telemetry in non-trainable
-variables, updated on every call (also inside compiled `fit`/`predict`), read
-with `routing_stats()` or logged with `keras_moe.callbacks.RoutingMetrics`.
+One shared input, `T` task outputs; the `E` experts are shared and every
+task mixes them with its own gate. Like the other multi-task layers
+(`keras_moe.layers.cgc`, `keras_moe.layers.ple`), it keeps per-task
+expert-usage telemetry in non-trainable variables, updated on every call
+(also inside compiled `fit`/`predict`), read with `routing_stats()` or
+logged with `keras_moe.callbacks.RoutingMetrics`.
 """
 
 import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.utils import validation as check
+from keras_moe.layers._multitask import (
+    as_compute_dtype,
+    check_last_dim,
+    flat_tokens,
+    fresh_initializer,
+    gate_initializer,
+    mean_entropy,
+    normalize_rows,
+    stats_to_numpy,
+)
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
-from keras_moe.layers.routers import (
-    TopKRouter,
-    accepts_mask,
-    default_router_initializer,
-)
+from keras_moe.layers.routers import TopKRouter, accepts_mask
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
-from keras_moe.ops import selection
-
-
-def _initializer(value):
-    return keras.initializers.get(value or default_router_initializer())
-
-
-def _fresh_initializer(initializer, offset):
-    """A new instance of `initializer` for the `offset`-th of several
-    weights: Keras initializers reuse their seed, so one instance would
-    give same-shaped weights (e.g. the gates of two tasks) equal values. A
-    seeded initializer gets `seed + offset`."""
-    config = keras.initializers.serialize(initializer)
-    inner = config.get("config") if isinstance(config, dict) else None
-    seed = inner.get("seed") if isinstance(inner, dict) else None
-    if offset and isinstance(seed, int):
-        config = dict(config, config=dict(inner, seed=seed + offset))
-    return keras.initializers.deserialize(config)
-
-
-def _entropy(probs, mask=None):
-    """Mean entropy (nats) of the distributions `probs` `(..., N, E)` of
-    `N` tokens, over the tokens of `mask` `(N,)` only."""
-    probs = ops.cast(probs, "float32")
-    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
-    return ops.mean(balancing.masked_mean(ops.moveaxis(entropy, -1, 0), mask))
-
-
-def _one_mask(mask):
-    """The token mask of a layer called on one tensor or on a list of them
-    (`[task_1, ..., task_T, shared]`: the shared input's, or the first
-    given), or None."""
-    if isinstance(mask, (list, tuple)):
-        given = [m for m in mask if m is not None]
-        return mask[-1] if mask[-1] is not None else (given[0] if given else None)
-    return mask
-
-
-def _normalize_rows(mass):
-    """Rows of `mass` divided by their sums (rows of zeros stay zeros)."""
-    total = ops.sum(mass, axis=-1, keepdims=True)
-    return mass / ops.maximum(total, 1e-12)
-
-
-def _keep_top_k(gates, k):
-    """Zeroes all but the `k` largest gate weights of each row, renormalised."""
-    n = gates.shape[-1]
-    if k is None or k >= n:
-        return gates
-    _, index = selection.top_k(gates, k)
-    mask = ops.sum(ops.one_hot(index, n, dtype=gates.dtype), axis=-2)
-    return _normalize_rows(gates * mask)
-
-
-def _stats_to_numpy(layer, names):
-    stats = {
-        name: ops.convert_to_numpy(getattr(layer, name)) for name in names
-    }
-    for name, value in stats.items():
-        if value.ndim == 0:
-            stats[name] = float(value)
-    return stats
-
-
-def _as_compute_dtype(layer, x):
-    """`x` in the layer's compute dtype: integer inputs become floats on
-    every backend (torch's einsum would not promote them), as Keras'
-    normalization layers do."""
-    return ops.cast(x, layer.compute_dtype)
+from keras_moe.utils import validation as check
 
 
 def _pad_choices(values, k):
@@ -101,17 +38,6 @@ def _pad_choices(values, k):
     width = values.shape[-1]
     return values if width == k else ops.pad(values, ((0, 0), (0, k - width)))
 
-
-def _flat_tokens(x, d):
-    return ops.reshape(x, (-1, d))
-
-
-def _check_last_dim(layer, shape, expected):
-    if shape[-1] != expected:
-        raise ValueError(
-            f"{layer.name}: the last input dimension must be {expected}, as "
-            f"when the layer was built. Received: input shape {tuple(shape)}"
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -250,7 +176,7 @@ class MultiGateMoE(keras.layers.Layer):
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
-        self.gate_kernel_initializer = _initializer(gate_kernel_initializer)
+        self.gate_kernel_initializer = gate_initializer(gate_kernel_initializer)
         self.task_names = check.task_names(task_names, self.num_tasks)
         self.k = None if k is None else check.k_for_experts(k, self.num_experts)
         self.custom_routers = routers is not None
@@ -283,7 +209,7 @@ class MultiGateMoE(keras.layers.Layer):
                     num_experts=self.num_experts,
                     k=self.k,
                     load_balance_weight=self.load_balance_weight,
-                    kernel_initializer=_fresh_initializer(
+                    kernel_initializer=fresh_initializer(
                         self.gate_kernel_initializer, t
                     ),
                     name=f"router_{t}",
@@ -362,7 +288,7 @@ class MultiGateMoE(keras.layers.Layer):
             "task_expert_usage": usage,
             "expert_load": ops.mean(usage, axis=0),
             "dropped_fraction": ops.zeros((), "float32"),
-            "entropy": _entropy(gates, valid),
+            "entropy": mean_entropy(gates, valid),
         }
         return outputs, routing
 
@@ -531,7 +457,7 @@ class MultiGateMoE(keras.layers.Layer):
             dispatch_ops.dense_gates(plan, weights), (num_tokens, t_count, e)
         )
         gates = ops.transpose(gates, (1, 0, 2))  # (T, N, E), kept pairs only
-        usage = _normalize_rows(ops.sum(gates, axis=1))
+        usage = normalize_rows(ops.sum(gates, axis=1))
         routed, kept = dispatch_ops.expert_counts(plan, selected=selected)
         total = ops.maximum(ops.sum(routed), 1.0)
 
@@ -546,7 +472,7 @@ class MultiGateMoE(keras.layers.Layer):
             "expert_load": routed / total,
             "dropped_fraction": (ops.sum(routed) - ops.sum(kept)) / total,
             "entropy": ops.mean(
-                ops.stack([_entropy(r["probs"], valid) for r in routings])
+                ops.stack([mean_entropy(r["probs"], valid) for r in routings])
             ),
             "load_balance_loss": (
                 ops.mean(ops.stack([ops.cast(b, "float32") for b in balance]))
@@ -575,9 +501,9 @@ class MultiGateMoE(keras.layers.Layer):
     def call(self, inputs, training=None, return_routing=False, mask=None):
         shape = ops.shape(inputs)
         check.token_input_shape(type(self).__name__, tuple(inputs.shape))
-        _check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
-        inputs = _as_compute_dtype(self, inputs)
-        tokens = _flat_tokens(inputs, shape[-1])
+        check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
+        inputs = as_compute_dtype(self, inputs)
+        tokens = flat_tokens(inputs, shape[-1])
         valid = check.token_mask(self.name, mask, inputs)
         if valid is not None:
             # Masked tokens enter no computation (a select, so NaN or Inf
@@ -615,7 +541,7 @@ class MultiGateMoE(keras.layers.Layer):
         ]
         if self.sparse:
             names.append("load_balance_loss")
-        stats = _stats_to_numpy(self, names)
+        stats = stats_to_numpy(self, names)
         stats["task_names"] = list(self.task_names)
         return stats
 
@@ -695,602 +621,3 @@ class MultiGateMoE(keras.layers.Layer):
         )
         return quantized_dtype_config(self, config)
 
-
-def _is_shape_list(shape):
-    """A list of shapes (list inputs) rather than one shape."""
-    return (
-        isinstance(shape, (list, tuple))
-        and len(shape) > 0
-        and all(isinstance(s, (list, tuple)) for s in shape)
-    )
-
-
-@keras.saving.register_keras_serializable(package="keras_moe")
-class CGC(keras.layers.Layer):
-    """Customized Gate Control: task-specific and shared experts, one gate per
-    task (one level of PLE).
-
-    `T` tasks, each with `m_t` own experts, and `m_s` shared experts. Task
-    `t` reads its input `x_t` (or the common input); its gate mixes its own
-    experts and the shared ones only:
-
-    `y_t = sum_{e in E_t u S} g_t(x_t)_e f_e(x_e)`,
-    `g_t(x_t) = softmax(x_t W_t + b_t)` over the `m_t + m_s` experts of
-    `E_t u S`, where expert `f_e` reads its owner's input (`x_t` for task
-    experts of task `t`, the shared input `x_s` for shared experts).
-
-    With `shared_output=True` there is also a shared gate over ALL
-    `T m_t + m_s` experts, computed from the shared input:
-    `y_s = sum_e g_s(x_s)_e f_e(x_e)`, the shared input of the next level.
-    The outputs `[y_1, ..., y_T, y_s]` of one level are the inputs of the
-    next one (see `PLE`).
-
-    With `k`, each gate keeps only its `k` largest weights, renormalised
-    (all experts are still computed: the layer is small).
-
-    Expert index order (telemetry columns): the task experts of task 0,
-    of task 1, ..., then the shared experts.
-
-    Args:
-        num_tasks: `T >= 1`.
-        num_task_experts: `m_t >= 0`, experts per task.
-        num_shared_experts: `m_s >= 0`; `m_t + m_s >= 1`.
-        hidden_dim: hidden width of each expert.
-        output_dim: output width; defaults to the input width.
-        shared_output: also output the shared mixture (last element).
-        k: `None` (dense gates) or the number of gate weights kept,
-            `k <= m_t + m_s`.
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer: expert options (`Experts`).
-        gate_kernel_initializer: initializer of the gate kernels (default:
-            Switch's router init, near-uniform gates at the start).
-        task_names: `T` distinct names used in telemetry.
-        **kwargs: base `Layer` arguments.
-
-    Call arguments:
-        inputs: one tensor `(..., d)` read by every branch, or a list of
-            `T + 1` tensors `[x_1, ..., x_T, x_s]` of the same shape.
-        training: unused (no auxiliary loss), for API symmetry.
-        return_routing: also return a dict with `task_gates`
-            `(T, N, m_t + m_s)`, `shared_gates` `(N, E_total)` (with
-            `shared_output`), `task_expert_usage`, `expert_load`.
-        mask: bool, the inputs' shape without the last axis (with a list
-            of inputs, one mask or a list of masks: the shared input's
-            counts), False for padding; Keras passes it by itself. Masked
-            tokens output zeros and count in no gate statistic; every
-            output carries the mask.
-
-    Returns:
-        A list of `T` tensors `(..., output_dim or d)`, plus the shared
-        output as a last element with `shared_output=True`.
-
-    Example:
-
-    >>> import numpy as np
-    >>> cgc = CGC(num_tasks=2, num_task_experts=2, num_shared_experts=1,
-    ...           hidden_dim=16, output_dim=8, shared_output=True)
-    >>> ys = cgc(np.random.rand(4, 10).astype("float32"))
-    >>> [tuple(y.shape) for y in ys]
-    [(4, 8), (4, 8), (4, 8)]
-    >>> cgc.routing_stats()["task_expert_usage"].shape  # (T + 1, 2 * 2 + 1)
-    (3, 5)
-
-    References:
-        Tang, Liu, Zhao, Gong. Progressive Layered Extraction (PLE): A Novel
-        Multi-Task Learning (MTL) Model for Personalized Recommendations
-        (RecSys 2020).
-    """
-
-    def __init__(
-        self,
-        num_tasks,
-        num_task_experts,
-        num_shared_experts,
-        hidden_dim,
-        output_dim=None,
-        shared_output=False,
-        k=None,
-        activation="relu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        gate_kernel_initializer=None,
-        task_names=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_task_experts = check.non_negative_int(
-            "num_task_experts", num_task_experts
-        )
-        self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
-        )
-        per_gate = self.num_task_experts + self.num_shared_experts
-        if per_gate == 0:
-            raise ValueError(
-                "A task needs at least one expert. Received: num_task_experts=0, "
-                "num_shared_experts=0"
-            )
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
-        self.output_dim = (
-            None if output_dim is None else check.positive_int("output_dim", output_dim)
-        )
-        self.shared_output = bool(shared_output)
-        if k is not None:
-            k = check.positive_int("k", k)
-            if k > per_gate:
-                raise ValueError(
-                    "k must be <= the experts of one task gate, "
-                    "num_task_experts + num_shared_experts. Received: "
-                    f"k={k}, num_task_experts={self.num_task_experts}, "
-                    f"num_shared_experts={self.num_shared_experts}"
-                )
-        self.k = k
-        self.gate_kernel_initializer = _initializer(gate_kernel_initializer)
-        self.task_names = check.task_names(task_names, self.num_tasks)
-        self.total_experts = self.num_tasks * self.num_task_experts + (
-            self.num_shared_experts
-        )
-        self.expert_options = dict(
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=self.dtype_policy,
-        )
-        self.task_experts = (
-            Experts(
-                self.num_tasks * self.num_task_experts,
-                name="task_experts",
-                **self.expert_options,
-            )
-            if self.num_task_experts
-            else None
-        )
-        self.shared_experts = (
-            Experts(
-                self.num_shared_experts, name="shared_experts", **self.expert_options
-            )
-            if self.num_shared_experts
-            else None
-        )
-
-    def _input_dim(self, input_shape):
-        name = type(self).__name__
-        if _is_shape_list(input_shape):
-            shapes = [check.token_input_shape(name, s) for s in input_shape]
-            if len(shapes) != self.num_tasks + 1:
-                raise ValueError(
-                    f"{name} takes one tensor or a list of num_tasks + 1 "
-                    "tensors [task_1, ..., task_T, shared]. Received: a list "
-                    f"of {len(shapes)} inputs, num_tasks={self.num_tasks}"
-                )
-            if len({tuple(s[1:]) for s in shapes}) != 1:
-                raise ValueError(
-                    f"{name}: all inputs must have the same shape apart from "
-                    f"the batch size. Received: input shapes {shapes}"
-                )
-            return shapes[-1]
-        return check.token_input_shape(name, input_shape)
-
-    def build(self, input_shape):
-        d = self._input_dim(input_shape)[-1]
-        t, m = self.num_tasks, self.num_task_experts
-        if self.task_experts is not None:
-            self.task_experts.build((t * m, None, d))
-        if self.shared_experts is not None:
-            self.shared_experts.build((self.num_shared_experts, None, d))
-        per_gate = m + self.num_shared_experts
-        self.task_gate_kernel = self.add_weight(
-            name="task_gate_kernel",
-            shape=(t, d, per_gate),
-            initializer=per_expert_initializer(self.gate_kernel_initializer, t),
-        )
-        self.task_gate_bias = self.add_weight(
-            name="task_gate_bias", shape=(t, per_gate), initializer="zeros"
-        )
-        if self.shared_output:
-            self.shared_gate_kernel = self.add_weight(
-                name="shared_gate_kernel",
-                shape=(d, self.total_experts),
-                initializer=_fresh_initializer(self.gate_kernel_initializer, 1),
-            )
-            self.shared_gate_bias = self.add_weight(
-                name="shared_gate_bias",
-                shape=(self.total_experts,),
-                initializer="zeros",
-            )
-        else:
-            self.shared_gate_kernel = self.shared_gate_bias = None
-        rows = t + int(self.shared_output)
-        self.task_expert_usage = statistic(
-            self, "task_expert_usage", (rows, self.total_experts)
-        )
-        self.expert_load = statistic(self, "expert_load", (self.total_experts,))
-        self.dropped_fraction = statistic(self, "dropped_fraction", ())
-        self.router_entropy = statistic(self, "router_entropy", ())
-
-    def _split_inputs(self, inputs):
-        if isinstance(inputs, (list, tuple)):
-            shapes = [tuple(x.shape) for x in inputs]
-            self._input_dim(shapes)  # validates
-            inputs = [_as_compute_dtype(self, x) for x in inputs]
-            return inputs[:-1], inputs[-1]
-        return None, _as_compute_dtype(self, inputs)
-
-    def call(self, inputs, training=None, return_routing=False, mask=None):
-        task_inputs, shared_input = self._split_inputs(inputs)
-        check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
-        expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
-        _check_last_dim(self, tuple(shared_input.shape), expected)
-        t, m, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
-        shape = ops.shape(shared_input)
-        d = shape[-1]
-        shared_tokens = _flat_tokens(shared_input, d)
-        num_tokens = ops.shape(shared_tokens)[0]
-        if task_inputs is None:
-            task_tokens = ops.broadcast_to(shared_tokens[None], (t, num_tokens, d))
-        else:
-            task_tokens = ops.stack([_flat_tokens(x, d) for x in task_inputs])
-        valid = check.token_mask(self.name, _one_mask(mask), shared_input)
-        if valid is not None:
-            # Masked tokens enter no computation (a select: NaN stays out).
-            shared_tokens = ops.where(
-                valid[:, None], shared_tokens, ops.zeros_like(shared_tokens)
-            )
-            task_tokens = ops.where(
-                valid[None, :, None], task_tokens, ops.zeros_like(task_tokens)
-            )
-
-        # Experts: task t's experts read task t's input, shared ones x_s.
-        candidates = []  # (T, m_t + m_s, N, o): the experts each task mixes
-        every = []  # (E_total, N, o) in telemetry order
-        if self.task_experts is not None:
-            task_out = self.task_experts(ops.repeat(task_tokens, m, axis=0))
-            every.append(task_out)
-            candidates.append(
-                ops.reshape(task_out, (t, m, num_tokens, ops.shape(task_out)[-1]))
-            )
-        if self.shared_experts is not None:
-            shared_out = self.shared_experts(
-                ops.broadcast_to(shared_tokens[None], (s, num_tokens, d))
-            )
-            every.append(shared_out)
-            candidates.append(
-                ops.broadcast_to(
-                    shared_out[None], (t,) + tuple(ops.shape(shared_out))
-                )
-            )
-        candidates = ops.concatenate(candidates, axis=1)
-        every = ops.concatenate(every, axis=0)
-
-        logits = ops.einsum("tnd,tde->tne", task_tokens, self.task_gate_kernel)
-        logits = logits + self.task_gate_bias[:, None, :]
-        task_gates = _keep_top_k(ops.softmax(ops.cast(logits, "float32")), self.k)
-        task_y = ops.einsum(
-            "tne,teno->tno", ops.cast(task_gates, candidates.dtype), candidates
-        )
-        if valid is not None:  # masked tokens: zero outputs, no statistic
-            task_y = ops.where(valid[None, :, None], task_y, ops.zeros_like(task_y))
-            task_gates = ops.where(valid[None, :, None], task_gates, 0.0)
-        lead = tuple(shape[:-1])
-        o = ops.shape(task_y)[-1]
-        outputs = [ops.reshape(task_y[i], lead + (o,)) for i in range(t)]
-
-        # Telemetry: each task's mean gate, placed at its experts' columns.
-        task_usage = balancing.masked_mean(  # (T, m_t + m_s)
-            ops.moveaxis(task_gates, 1, 0), valid
-        )
-        columns = []
-        if m:
-            own = ops.eye(t, dtype="float32")[:, :, None] * task_usage[:, None, :m]
-            columns.append(ops.reshape(own, (t, t * m)))
-        if s:
-            columns.append(task_usage[:, m:])
-        usage = ops.concatenate(columns, axis=1)
-        entropy = _entropy(task_gates, valid)
-        routing = {"task_gates": task_gates}
-        if self.shared_output:
-            shared_logits = ops.matmul(shared_tokens, self.shared_gate_kernel)
-            shared_logits = shared_logits + self.shared_gate_bias
-            shared_gates = _keep_top_k(
-                ops.softmax(ops.cast(shared_logits, "float32")), self.k
-            )
-            shared_y = ops.einsum(
-                "ne,eno->no", ops.cast(shared_gates, every.dtype), every
-            )
-            if valid is not None:
-                shared_y = ops.where(
-                    valid[:, None], shared_y, ops.zeros_like(shared_y)
-                )
-                shared_gates = ops.where(valid[:, None], shared_gates, 0.0)
-            outputs.append(ops.reshape(shared_y, lead + (o,)))
-            usage = ops.concatenate(
-                [usage, balancing.masked_mean(shared_gates, valid)[None]], axis=0
-            )
-            entropy = (t * entropy + _entropy(shared_gates, valid)) / (t + 1)
-            routing["shared_gates"] = shared_gates
-        expert_load = ops.mean(usage, axis=0)
-        sg = ops.stop_gradient
-        self.task_expert_usage.assign(sg(usage))
-        self.expert_load.assign(sg(expert_load))
-        self.router_entropy.assign(sg(entropy))
-        self.dropped_fraction.assign(ops.zeros((), "float32"))
-        if return_routing:
-            routing.update(task_expert_usage=usage, expert_load=expert_load)
-            return outputs, routing
-        return outputs
-
-    def routing_stats(self):
-        """The gate statistics of the last call, as NumPy values:
-        `task_expert_usage` `(T [+ 1], E_total)` (rows: tasks, then the
-        shared gate; columns: task 0's experts, task 1's, ..., shared),
-        `expert_load`, `dropped_fraction` (0), `router_entropy`,
-        `task_names` (with `"shared"` last when `shared_output`)."""
-        stats = _stats_to_numpy(
-            self,
-            ["task_expert_usage", "expert_load", "dropped_fraction", "router_entropy"],
-        )
-        stats["task_names"] = list(self.task_names) + (
-            ["shared"] if self.shared_output else []
-        )
-        return stats
-
-    def compute_output_shape(self, input_shape):
-        shape = self._input_dim(input_shape)
-        out = shape[:-1] + (self.output_dim or shape[-1],)
-        return [out for _ in range(self.num_tasks + int(self.shared_output))]
-
-    def compute_mask(self, inputs, previous_mask=None):
-        # The inputs' token mask on every output.
-        mask = _one_mask(previous_mask)
-        if mask is None:
-            return None
-        return [mask] * (self.num_tasks + int(self.shared_output))
-
-    def compute_output_spec(
-        self, inputs, training=None, return_routing=False, mask=None
-    ):
-        if return_routing:
-            return super(keras.layers.Layer, self).compute_output_spec(
-                inputs, training=training, return_routing=True
-            )
-        if isinstance(inputs, (list, tuple)):
-            shape = [tuple(x.shape) for x in inputs]
-        else:
-            shape = tuple(inputs.shape)
-        return [
-            keras.KerasTensor(s, dtype=self.compute_dtype)
-            for s in self.compute_output_shape(shape)
-        ]
-
-    def get_config(self):
-        config = super().get_config()
-        options = (self.task_experts or self.shared_experts)
-        config.update(
-            num_tasks=self.num_tasks,
-            num_task_experts=self.num_task_experts,
-            num_shared_experts=self.num_shared_experts,
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            shared_output=self.shared_output,
-            k=self.k,
-            **expert_options_config(options),
-            gate_kernel_initializer=keras.initializers.serialize(
-                self.gate_kernel_initializer
-            ),
-            task_names=list(self.task_names),
-        )
-        return quantized_dtype_config(self, config)
-
-
-@keras.saving.register_keras_serializable(package="keras_moe")
-class PLE(keras.layers.Layer):
-    """Progressive Layered Extraction: stacked CGC levels.
-
-    `L` levels of `CGC`. Level `l` reads the task inputs `x_t^{l-1}` and the
-    shared input `x_s^{l-1}` (all equal to the layer input at `l = 1`):
-
-    `x_t^l = sum_{e in E_t^l u S^l} g_t^l(x_t^{l-1})_e f_e^l(.)`,
-    `x_s^l = sum_{e in all experts of level l} g_s^l(x_s^{l-1})_e f_e^l(.)`
-
-    Task gates see only their task's experts and the shared ones; the shared
-    gate (every level but the last) sees all experts, so tasks exchange
-    information only through the shared path, progressively. The last level
-    has no shared gate and returns the `T` task outputs.
-
-    Per-level telemetry: `levels[l].routing_stats()`; `routing_stats()` is
-    that of the last level (plus `levels`, the list of all levels' stats).
-
-    Wiring of two tasks and two levels (`E_t`: task `t`'s experts, `S`:
-    shared experts):
-
-    ```
-    x --+--------------+--------------+
-        v              v              v
-     [E_1, S]       [E_2, S]     [E_1, E_2, S]      level 1 (shared_output)
-      gate_1         gate_2        gate_s
-        v              v              v
-       x_1            x_2            x_s
-        v              v              v
-     [E_1, S]       [E_2, S]                        level 2 (last)
-      gate_1         gate_2
-        v              v
-       y_1            y_2
-    ```
-
-    Args:
-        num_tasks: `T >= 1`.
-        num_levels: `L >= 1`.
-        num_task_experts: experts per task and level.
-        num_shared_experts: shared experts per level.
-        hidden_dim: expert hidden width (default 64): an int, or a list of
-            one per level.
-        output_dim: output width of every level's experts (None: the input
-            width): an int/None, or a list of one per level.
-        k: `None` (dense gates) or the number of gate weights each gate
-            keeps (see `CGC`).
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer, gate_kernel_initializer:
-            passed to every `CGC` level.
-        task_names: `T` distinct names used in telemetry.
-        **kwargs: base `Layer` arguments.
-
-    Call arguments:
-        inputs: `(..., d)`, rank >= 2.
-        training: training mode.
-        mask: bool `inputs.shape[:-1]`, False for padding (Keras passes it
-            by itself); handed to every level (see `CGC`).
-
-    Returns:
-        A list of `T` tensors `(..., output_dim of the last level or d)`.
-
-    Example:
-
-    >>> import numpy as np
-    >>> ple = PLE(num_tasks=2, num_levels=2, num_task_experts=2,
-    ...           num_shared_experts=1, hidden_dim=16, output_dim=[12, 8])
-    >>> ys = ple(np.random.rand(4, 10).astype("float32"))
-    >>> [tuple(y.shape) for y in ys]
-    [(4, 8), (4, 8)]
-    >>> [level.routing_stats()["task_expert_usage"].shape for level in ple.levels]
-    [(3, 5), (2, 5)]
-
-    References:
-        Tang, Liu, Zhao, Gong. Progressive Layered Extraction (PLE): A Novel
-        Multi-Task Learning (MTL) Model for Personalized Recommendations
-        (RecSys 2020).
-    """
-
-    def __init__(
-        self,
-        num_tasks,
-        num_levels=2,
-        num_task_experts=1,
-        num_shared_experts=1,
-        hidden_dim=64,
-        output_dim=None,
-        k=None,
-        activation="relu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        gate_kernel_initializer=None,
-        task_names=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_levels = check.positive_int("num_levels", num_levels)
-        hidden = check.int_per_level("hidden_dim", hidden_dim, self.num_levels)
-        outs = check.int_per_level(
-            "output_dim", output_dim, self.num_levels, allow_none=True
-        )
-        self.hidden_dim = hidden if isinstance(hidden_dim, (list, tuple)) else hidden[0]
-        self.output_dim = outs if isinstance(output_dim, (list, tuple)) else outs[0]
-        self.task_names = check.task_names(task_names, self.num_tasks)
-        gate_init = _initializer(gate_kernel_initializer)
-        self.levels = [
-            CGC(
-                num_tasks=self.num_tasks,
-                num_task_experts=num_task_experts,
-                num_shared_experts=num_shared_experts,
-                hidden_dim=hidden[level],
-                output_dim=outs[level],
-                shared_output=level < self.num_levels - 1,
-                k=k,
-                activation=activation,
-                gated=gated,
-                use_bias=use_bias,
-                kernel_initializer=kernel_initializer,
-                bias_initializer=bias_initializer,
-                kernel_regularizer=kernel_regularizer,
-                bias_regularizer=bias_regularizer,
-                gate_kernel_initializer=_fresh_initializer(gate_init, level),
-                task_names=self.task_names,
-                dtype=self.dtype_policy,
-                name=f"{self.name}_level_{level}",
-            )
-            for level in range(self.num_levels)
-        ]
-        self.num_task_experts = self.levels[0].num_task_experts
-        self.num_shared_experts = self.levels[0].num_shared_experts
-        self.k = self.levels[0].k
-
-    def build(self, input_shape):
-        shape = check.token_input_shape(type(self).__name__, input_shape)
-        for level in self.levels:
-            level.build(shape)
-            shape = level.compute_output_shape(shape)
-
-    def call(self, inputs, training=None, mask=None):
-        x = inputs
-        for level in self.levels:
-            x = level(x, training=training, mask=mask)
-        return x
-
-    def routing_stats(self):
-        """The last level's `CGC.routing_stats()`, plus `levels`: every
-        level's stats, first to last."""
-        levels = [level.routing_stats() for level in self.levels]
-        return dict(levels[-1], levels=levels)
-
-    def compute_output_shape(self, input_shape):
-        shape = check.token_input_shape(type(self).__name__, input_shape)
-        for level in self.levels:
-            shape = level.compute_output_shape(shape)
-        return shape
-
-    def compute_mask(self, inputs, previous_mask=None):
-        # The inputs' token mask on every task's output.
-        if previous_mask is None:
-            return None
-        return [previous_mask] * self.num_tasks
-
-    def compute_output_spec(self, inputs, training=None, mask=None):
-        return [
-            keras.KerasTensor(s, dtype=self.compute_dtype)
-            for s in self.compute_output_shape(tuple(inputs.shape))
-        ]
-
-    def get_config(self):
-        config = super().get_config()
-        first = self.levels[0].get_config()
-        config.update(
-            num_tasks=self.num_tasks,
-            num_levels=self.num_levels,
-            num_task_experts=self.num_task_experts,
-            num_shared_experts=self.num_shared_experts,
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            k=self.k,
-            **{name: first[name] for name in _EXPERT_AND_GATE_OPTIONS},
-            task_names=list(self.task_names),
-        )
-        return quantized_dtype_config(self, config)
-
-
-_EXPERT_AND_GATE_OPTIONS = (
-    "activation",
-    "gated",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-    "gate_kernel_initializer",
-)
