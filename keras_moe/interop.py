@@ -29,8 +29,8 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.sparse_moe import SparseMoE
 
 __all__ = ["KerasHubMoEBlock", "from_keras_hub", "replace_moe_blocks"]
 

@@ -5,8 +5,8 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.utils import validation as check
 from keras_moe.ops.dropless import gather_experts
+from keras_moe.utils import validation as check
 
 # The kernels of an expert bank, in the order they are saved; each has the
 # expert axis first and its input axis second: (E, in, out).

@@ -29,15 +29,8 @@ from keras_moe.layers.routers import TopKRouter, accepts_mask
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
+from keras_moe.ops import planning
 from keras_moe.utils import validation as check
-
-
-def _pad_choices(values, k):
-    """`(N, k')` per-choice values zero-padded to `(N, k)` (routers of
-    different widths in one plan)."""
-    width = values.shape[-1]
-    return values if width == k else ops.pad(values, ((0, 0), (0, k - width)))
-
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -297,148 +290,43 @@ class MultiGateMoE(keras.layers.Layer):
     def _sparse(self, tokens, training, valid=None):
         num_tokens = ops.shape(tokens)[0]
         t_count, e = self.num_tasks, self.num_experts
-        capacity_factor = (
-            self.capacity_factor if training else self.eval_capacity_factor
+        capacity_factor = planning.capacity_factor_for(
+            training, self.capacity_factor, self.eval_capacity_factor
         )
-        # With a mask, buffers keep their static size from N, and the
-        # capacity granted is that of the valid tokens: padding never
-        # changes which real pairs fit.
-        num_valid = (
-            None if valid is None else ops.sum(ops.cast(valid, "int32"))
-        )
-
-        def granted(count, k):
-            if num_valid is None or capacity_factor is None:
-                return None
-            return dispatch_ops.compute_capacity(count, e, k, capacity_factor)
-
+        num_valid = planning.count_valid(valid)
         routings = []
         for router in self.routers:
             kwargs = {"training": training}
-            if getattr(router, "assigns_positions", False):
-                limit = granted(num_valid, router.k)
-                kwargs["capacity"] = (
-                    dispatch_ops.compute_capacity(
-                        num_tokens, e, router.k, capacity_factor
-                    )
-                    if limit is None
-                    else limit
-                )
+            capacity = planning.router_capacity(
+                router,
+                planning.choose_capacity(
+                    num_tokens, e, router.k, capacity_factor, num_valid=num_valid
+                ),
+            )
+            if capacity is not None:
+                kwargs["capacity"] = capacity
             if valid is not None and accepts_mask(router):
                 kwargs["mask"] = valid
             routings.append(router(tokens, **kwargs))
-        widths = [r["expert_index"].shape[-1] for r in routings]
-        joint = len(set(widths)) == 1 and not any("position" in r for r in routings)
-
-        def stack(values):  # T x (N, ...) -> (N T, ...), token-major
-            stacked = ops.stack(values, axis=1)
-            return ops.reshape(stacked, (-1,) + tuple(stacked.shape[2:]))
-
-        blocks = (
-            capacity_factor is None
-            and not any("position" in r for r in routings)
-            and self.experts.quantization_mode is None
+        # The T tasks' pairs as N T pseudo-tokens of one plan, token-major.
+        plan, selected, weights = planning.plan_task_dispatch(
+            routings,
+            [router.k for router in self.routers],
+            e,
+            num_tokens,
+            capacity_factor,
+            valid=valid,
+            blocks=self.experts.quantization_mode is None,
         )
-        def real(pairs):  # (N, k') bool pairs of the valid tokens only
-            return pairs if valid is None else ops.logical_and(pairs, valid[:, None])
-
-        if blocks:
-            # Dropless: every pair gets one row of the expert-sorted blocks
-            # (keras_moe.ops.dropless), at the cost of the k T N pairs.
-            k = max(widths)
-            own = [ops.cast(r["expert_index"], "int32") for r in routings]
-            index = stack([_pad_choices(i, k) for i in own])
-            pairs = stack([real(_pad_choices(ops.ones_like(i), k) > 0) for i in own])
-            plan = dropless_ops.make_block_plan(
-                index, e, valid=pairs, rows_per_token=t_count
-            )
-            plan["capacity"] = num_tokens * t_count
-            selected = None if valid is None else pairs
-        elif joint:
-            # All pairs compete for one capacity, token-major.
-            k = widths[0]
-            capacity = dispatch_ops.compute_capacity(
-                num_tokens * t_count, e, k, capacity_factor
-            )
-            priorities = [r.get("priority") for r in routings]
-            priority = (
-                stack([ops.cast(p, "float32") for p in priorities])
-                if all(p is not None for p in priorities)
-                else None
-            )
-            pairs = (
-                None
-                if valid is None
-                else stack(
-                    [real(ops.ones_like(r["expert_index"]) > 0) for r in routings]
-                )
-            )
-            plan = dispatch_ops.make_dispatch_plan(
-                stack([r["expert_index"] for r in routings]),
-                e,
-                capacity,
-                priority=priority,
-                valid=pairs,
-                limit=granted(
-                    None if num_valid is None else num_valid * t_count, k
-                ),
-            )
-            selected = pairs
-        else:
-            # Each task gets its own block of every expert's buffer.
-            k = max(widths)
-            indices, positions, keeps, chosen = [], [], [], []
-            capacity = 0
-            for router, routing, width in zip(self.routers, routings, widths):
-                cap = dispatch_ops.compute_capacity(
-                    num_tokens, e, router.k, capacity_factor
-                )
-                index = ops.cast(routing["expert_index"], "int32")
-                if "position" in routing:
-                    position = ops.cast(routing["position"], "int32")
-                    keep = routing.get("keep")
-                    keep = real(ops.ones_like(index) > 0 if keep is None else keep)
-                    picked = keep
-                    keep = ops.logical_and(keep, position < cap)
-                else:
-                    picked = real(ops.ones_like(index) > 0)
-                    own = dispatch_ops.make_dispatch_plan(
-                        index,
-                        e,
-                        cap,
-                        priority=routing.get("priority"),
-                        valid=None if valid is None else picked,
-                        limit=granted(num_valid, router.k),
-                    )
-                    position, keep = own["position"], own["keep"]
-                position = position + capacity
-                if width < k:
-                    pad = ((0, 0), (0, k - width))
-                    index = ops.pad(index, pad)
-                    position = ops.pad(position, pad)
-                    keep = ops.pad(ops.cast(keep, "int32"), pad) > 0
-                    picked = ops.pad(ops.cast(picked, "int32"), pad) > 0
-                indices.append(index)
-                positions.append(position)
-                keeps.append(keep)
-                chosen.append(picked)
-                capacity = capacity + cap
-            plan = dispatch_ops.plan_from_positions(
-                stack(indices), stack(positions), e, capacity, keep=stack(keeps)
-            )
-            selected = stack(chosen)
-
-        weights = stack(  # (N T, k)
-            [_pad_choices(r["combine_weights"], k) for r in routings]
-        )
-        if blocks:
+        if isinstance(plan, dropless_ops.BlockPlan):
             combined = dropless_ops.run_blocks(
                 tokens, plan, weights, self.experts.call_blocks, bool(training)
             )
         else:
-            real_plan = self._pseudo_token_plan(plan, num_tokens)
             buffers = dispatch_ops.dispatch(
-                tokens, real_plan, custom_gradient=bool(training)
+                tokens,
+                planning.pseudo_token_plan(plan, num_tokens, t_count),
+                custom_gradient=bool(training),
             )
             combined = dispatch_ops.combine(
                 self.experts(buffers), plan, weights, custom_gradient=bool(training)
@@ -487,16 +375,6 @@ class MultiGateMoE(keras.layers.Layer):
             "capacity": plan["capacity"],
         }
         return outputs, routing
-
-    def _pseudo_token_plan(self, plan, num_tokens):
-        """The plan of the `T N` pseudo-tokens as a plan of the `N` real
-        tokens: pseudo-token `n T + t` is token `n`, and the empty-row marker
-        `T N` becomes `N`. So `dispatch` gathers straight from the tokens."""
-        return dispatch_ops.DispatchPlan(
-            plan,
-            slot_token=plan["slot_token"] // self.num_tasks,
-            num_tokens=num_tokens,
-        )
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
         shape = ops.shape(inputs)

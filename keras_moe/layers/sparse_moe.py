@@ -4,7 +4,6 @@ from keras import ops
 
 from keras_moe.distribution import constrain, has_tensor_layout
 from keras_moe.layers import _pruning
-from keras_moe.utils import validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import quantized_dtype_config
@@ -12,6 +11,8 @@ from keras_moe.layers.routers import TopKRouter, accepts_mask
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
+from keras_moe.ops import planning
+from keras_moe.utils import validation as check
 
 DISPATCH_MODES = ("sparse", "dense")
 SHARED_EXPERT_GATES = ("sigmoid",)
@@ -381,87 +382,53 @@ class SparseMoE(keras.layers.Layer):
                 f"as when the layer was built. Received: input shape {shape}"
             )
 
-    def _uses_blocks(self, capacity_factor):
+    def _uses_blocks(self):
         """Dropless sparse calls run on expert-sorted blocks (a capacity of
         `N` rows per expert would cost what the dense dispatch costs), except
         for routers that place tokens themselves, int8 banks, and expert
         parallelism (a distribution that shards the `(E, C, d)` expert
         buffers: blocks mix experts, so they would gather every expert's
-        weights onto every device)."""
+        weights onto every device). Only with `capacity_factor=None`
+        (`keras_moe.ops.planning.plan_dispatch` checks that)."""
         return (
-            capacity_factor is None
-            and self.dispatch == "sparse"
-            and not getattr(self.router, "assigns_positions", False)
+            self.dispatch == "sparse"
+            and not planning.assigns_positions(self.router)
             and self.experts.quantization_mode is None
             and not has_tensor_layout(self, "expert_buffers")
         )
 
     def _route(self, tokens, num_tokens, training, routing_inputs, valid):
-        """Routes the `(N, d)` tokens and plans their dispatch. `valid`
-        `(N,)` bool (or None): the tokens that count; the others take no
-        capacity and no row. Returns `(routing, plan, selected)`, where
-        `selected` `(N, k)` bool (or None: all) marks the pairs that count
-        in the statistics."""
-        capacity_factor = (
-            self.capacity_factor if training else self.eval_capacity_factor
+        """Routes the `(N, d)` tokens and plans their dispatch
+        (`keras_moe.ops.planning`). `valid` `(N,)` bool (or None): the
+        tokens that count; the others take no capacity and no row. Returns
+        `(routing, plan, selected)`, where `selected` `(N, k)` bool (or
+        None: all) marks the pairs that count in the statistics."""
+        capacity = planning.choose_capacity(
+            num_tokens,
+            self.num_experts,
+            self.k,
+            planning.capacity_factor_for(
+                training, self.capacity_factor, self.eval_capacity_factor
+            ),
+            num_valid=planning.count_valid(valid),
         )
-        # The buffers keep a static size from N; with a mask, the capacity
-        # granted is that of the valid tokens (a tensor), so padding never
-        # changes which real pairs fit.
-        capacity = dispatch_ops.compute_capacity(
-            num_tokens, self.num_experts, self.k, capacity_factor
-        )
-        limit = None
-        if valid is not None and capacity_factor is not None:
-            limit = dispatch_ops.compute_capacity(
-                ops.sum(ops.cast(valid, "int32")),
-                self.num_experts,
-                self.k,
-                capacity_factor,
-            )
         kwargs = {"training": training}
         if routing_inputs is not None:
             kwargs["routing_inputs"] = routing_inputs
-        if getattr(self.router, "assigns_positions", False):
-            kwargs["capacity"] = capacity if limit is None else limit
+        granted = planning.router_capacity(self.router, capacity)
+        if granted is not None:
+            kwargs["capacity"] = granted
         if valid is not None and accepts_mask(self.router):
             kwargs["mask"] = valid
         routing = self.router(tokens, **kwargs)
-        selected = routing.get("keep")
-        if valid is not None:
-            valid_pairs = ops.broadcast_to(
-                valid[:, None], ops.shape(routing["expert_index"])
-            )
-            selected = (
-                valid_pairs
-                if selected is None
-                else ops.logical_and(selected, valid_pairs)
-            )
-        if self._uses_blocks(capacity_factor):
-            plan = dropless_ops.make_block_plan(
-                routing["expert_index"],
-                self.num_experts,
-                block_size=self.block_size,
-                valid=selected,
-            )
-            plan["capacity"] = capacity
-        elif "position" in routing:
-            plan = dispatch_ops.plan_from_positions(
-                routing["expert_index"],
-                routing["position"],
-                self.num_experts,
-                capacity,
-                keep=selected,
-            )
-        else:
-            plan = dispatch_ops.make_dispatch_plan(
-                routing["expert_index"],
-                self.num_experts,
-                capacity,
-                priority=routing.get("priority"),
-                valid=selected,
-                limit=limit,
-            )
+        plan, selected = planning.plan_dispatch(
+            routing,
+            self.num_experts,
+            capacity,
+            valid=valid,
+            blocks=capacity.factor is None and self._uses_blocks(),
+            block_size=self.block_size,
+        )
         return routing, plan, selected
 
     def _routing_inputs_per_token(self, routing_inputs, shape):
