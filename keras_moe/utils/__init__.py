@@ -6,4 +6,8 @@ them without importing each other sideways or upwards:
 
 - `validation`: argument checks whose messages name the bad value and say
   what is expected.
+- `keras_internals`: every use of private Keras API, each with the reason
+  there is no public one.
+- `layouts`: the current distribution's layout of a layer's tensors.
+- `tensors`: small tensor helpers (`concrete_values`).
 """
