@@ -33,6 +33,7 @@ import keras
 
 from keras_moe.layers.experts import BIAS_NAMES, KERNEL_NAMES
 from keras_moe.layers.sparse_moe import EXPERT_TENSORS
+from keras_moe.utils.keras_internals import assigned_layout
 from keras_moe.utils.layouts import constrain, has_tensor_layout  # noqa: F401
 
 # The variables of an `Experts` bank (keras_moe.layers.Experts), as the bank
@@ -118,6 +119,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
             batch_dim_name=batch_axis,
             auto_shard_dataset=auto_shard_dataset,
         )
+        self.layout_map = layout_map  # ours: ModelParallel keeps it private
         self.expert_axis = expert_axis
         self.expert_axis_size = device_mesh.shape[
             list(device_mesh.axis_names).index(expert_axis)
@@ -129,9 +131,9 @@ class ExpertParallel(keras.distribution.ModelParallel):
         )
 
     def get_variable_layout(self, variable):
-        if getattr(variable, "_layout", None) is not None:
-            return variable._layout
-        explicit = self._layout_map[variable.path]
+        if assigned_layout(variable) is not None:
+            return assigned_layout(variable)
+        explicit = self.layout_map[variable.path]
         if explicit is not None:
             return explicit
         shape = tuple(variable.shape)
@@ -144,7 +146,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
         return super().get_variable_layout(variable)
 
     def get_tensor_layout(self, path):
-        explicit = self._layout_map[path]
+        explicit = self.layout_map[path]
         if explicit is not None:
             return explicit
         if path.rsplit("/", 1)[-1] in EXPERT_TENSORS:

@@ -14,6 +14,8 @@ from keras_moe.layers.heads import (
 )
 from keras_moe.utils import validation as check
 from keras_moe.utils.keras_internals import (
+    aggregate_additional_loss,
+    compiled_loss,
     is_graph_model,
     output_items,
     output_structure,
@@ -322,12 +324,13 @@ class Distiller(keras.Model):
         distilled = ops.sum(ops.stack(weighted))
         self._distillation_tracker.update_state(distilled)
         losses = [self.alpha * distilled]
-        if self._compile_loss is not None and self.alpha < 1.0:
-            hard = self._compile_loss(y, y_pred, sample_weight)
+        hard_loss = compiled_loss(self)
+        if hard_loss is not None and self.alpha < 1.0:
+            hard = hard_loss(y, y_pred, sample_weight)
             if hard is not None:
                 losses.append((1.0 - self.alpha) * ops.cast(hard, "float32"))
         losses.extend(
-            ops.cast(self._aggregate_additional_loss(loss), "float32")
+            ops.cast(aggregate_additional_loss(loss), "float32")
             for loss in self.student.losses
         )
         return ops.sum(ops.stack(losses))
