@@ -149,3 +149,22 @@ def test_the_checks_catch_what_they_should():
     assert _private_owner("keras_moe.layers.heads", "_output_items") == "keras_moe.layers"
     assert _private_owner("keras_moe.layers.heads", "BoxHead") is None
     assert _private_owner("keras_moe._autodiff", None) == "keras_moe"
+
+
+def test_private_keras_api_stays_in_one_module():
+    """`keras.src` is imported only by `keras_moe.utils.keras_internals`,
+    the one module that holds the private Keras API keras_moe relies on."""
+    found = []
+    for module, (path, _) in MODULES.items():
+        if module == "keras_moe.utils.keras_internals":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "keras.src" or n.startswith("keras.src.") for n in names):
+                found.append(f"{module}:{node.lineno}")
+    assert not found, "keras.src imported outside utils/keras_internals: " + ", ".join(found)
