@@ -6,8 +6,7 @@ import numbers
 import keras
 import numpy as np
 
-from keras_moe.compression.usage import expert_usage
-from keras_moe.layers.experts import Experts
+from keras_moe.compression.usage import expert_usage  # noqa: F401  (its example)
 from keras_moe.utils import validation as check
 from keras_moe.utils.keras_internals import is_graph_model
 
