@@ -16,6 +16,8 @@ step's `(T,)` task losses in `model._recorder.task_losses`.
 import keras
 from keras import ops
 
+from keras_moe.utils.keras_internals import loss_tracker, update_metrics_variables
+
 
 def task_gradient_train_step(model, *args):
     backend = keras.backend.backend()
@@ -47,7 +49,7 @@ def _batch_size(x):
 
 
 def _forward(model, x):
-    if model._call_has_training_arg:
+    if "training" in model.call_signature_parameters:
         return model(x, training=True)
     return model(x)
 
@@ -58,12 +60,12 @@ def _tensorflow_train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape(persistent=True) as tape:
         y_pred = _forward(model, x)
-        loss = model._compute_loss(
+        loss = model.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
         task_losses = model._recorder.task_losses
         per_task = model._recorder.task_loss_list  # sliced inside the tape
-        model._loss_tracker.update_state(
+        loss_tracker(model).update_state(
             _unscale_for_replicas(loss), sample_weight=_batch_size(x)
         )
         if model.optimizer is not None:
@@ -101,11 +103,11 @@ def _torch_train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = _forward(model, x)
     model.zero_grad()
-    loss = model._compute_loss(
+    loss = model.compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
     )
     task_losses = model._recorder.task_losses
-    model._loss_tracker.update_state(loss, sample_weight=_batch_size(x))
+    loss_tracker(model).update_state(loss, sample_weight=_batch_size(x))
     shared = [v.value for v in _shared_variables(model)]
     norms = []
     for task_loss in model._recorder.task_loss_list:
@@ -171,7 +173,7 @@ def _jax_train_step(model, state, data):
     non_trainable = [
         scope.get_current_value(v) for v in model.non_trainable_variables
     ]
-    logs, metrics_variables = model._update_metrics_variables(
-        metrics_variables, unscaled_loss, x, y, y_pred, sample_weight
+    logs, metrics_variables = update_metrics_variables(
+        model, metrics_variables, unscaled_loss, x, y, y_pred, sample_weight
     )
     return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)

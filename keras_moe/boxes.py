@@ -9,7 +9,7 @@ works elementwise over boxes of shape `(..., 4)`.
 import numpy as np
 from keras import ops
 
-from keras_moe.layers._routing_ids import concrete_values
+from keras_moe.utils.tensors import concrete_values
 
 # The smallest denominator: zero-area boxes give finite values and finite
 # gradients, and non-degenerate boxes are not biased (identical boxes have

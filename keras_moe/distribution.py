@@ -31,21 +31,15 @@ import re
 
 import keras
 
-# The variables of an `Experts` bank (keras_moe.layers.Experts): each has the
-# expert axis first.
-EXPERT_WEIGHTS = (
-    "kernel_in",
-    "kernel_gate",
-    "kernel_out",
-    "bias_in",
-    "bias_gate",
-    "bias_out",
-)
-_EXPERT_WEIGHT = re.compile(r"(^|/)(" + "|".join(EXPERT_WEIGHTS) + r")$")
+from keras_moe.layers.experts import BIAS_NAMES, KERNEL_NAMES
+from keras_moe.layers.sparse_moe import EXPERT_TENSORS
+from keras_moe.utils.keras_internals import assigned_layout
+from keras_moe.utils.layouts import constrain, has_tensor_layout  # noqa: F401
 
-# Intermediate tensors of `SparseMoE` with the expert axis first, laid out
-# like the expert weights: `(E, C, d)` buffers and `(E, C, o)` outputs.
-EXPERT_TENSORS = ("expert_buffers", "expert_outputs")
+# The variables of an `Experts` bank (keras_moe.layers.Experts), as the bank
+# names them: each has the expert axis first.
+EXPERT_WEIGHTS = KERNEL_NAMES + BIAS_NAMES
+_EXPERT_WEIGHT = re.compile(r"(^|/)(" + "|".join(EXPERT_WEIGHTS) + r")$")
 
 
 def _check_axis(mesh, name, value):
@@ -125,6 +119,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
             batch_dim_name=batch_axis,
             auto_shard_dataset=auto_shard_dataset,
         )
+        self.layout_map = layout_map  # ours: ModelParallel keeps it private
         self.expert_axis = expert_axis
         self.expert_axis_size = device_mesh.shape[
             list(device_mesh.axis_names).index(expert_axis)
@@ -136,9 +131,9 @@ class ExpertParallel(keras.distribution.ModelParallel):
         )
 
     def get_variable_layout(self, variable):
-        if getattr(variable, "_layout", None) is not None:
-            return variable._layout
-        explicit = self._layout_map[variable.path]
+        if assigned_layout(variable) is not None:
+            return assigned_layout(variable)
+        explicit = self.layout_map[variable.path]
         if explicit is not None:
             return explicit
         shape = tuple(variable.shape)
@@ -151,7 +146,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
         return super().get_variable_layout(variable)
 
     def get_tensor_layout(self, path):
-        explicit = self._layout_map[path]
+        explicit = self.layout_map[path]
         if explicit is not None:
             return explicit
         if path.rsplit("/", 1)[-1] in EXPERT_TENSORS:
@@ -172,26 +167,3 @@ def expert_parallel(device_mesh, expert_axis="expert", batch_axis=None, layout_m
         batch_axis=batch_axis,
         layout_map=layout_map,
     )
-
-
-def has_tensor_layout(layer, name):
-    """Whether the current distribution lays out the tensor `name` of
-    `layer` (see `constrain`), e.g. an expert-parallel `"expert_buffers"`."""
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        return False
-    path = f"{layer.path or layer.name}/{name}"
-    return distribution.get_tensor_layout(path) is not None
-
-
-def constrain(tensor, layer, name):
-    """Applies the current distribution's layout for the tensor `name` of
-    `layer` (path `"<layer.path>/<name>"`, e.g. `"moe/expert_buffers"`), if
-    a distribution is set and has one; otherwise returns `tensor`."""
-    distribution = keras.distribution.distribution()
-    if distribution is None:
-        return tensor
-    layout = distribution.get_tensor_layout(f"{layer.path or layer.name}/{name}")
-    if layout is None:
-        return tensor
-    return keras.distribution.distribute_tensor(tensor, layout)

@@ -349,9 +349,9 @@ _ONNX_CONVERTERS = {
 def _onnx_input_signature(model):
     """The model's input specs (dynamic batch), so that `model.export` does
     not require a prior eager call (JAX's `predict` does not count as one)."""
-    from keras.src.export.export_utils import get_input_signature
+    from keras_moe.utils.keras_internals import input_signature
 
-    return get_input_signature(model)
+    return input_signature(model)
 
 
 def export_onnx(model, path, *, input_signature=None, opset_version=None,

@@ -29,8 +29,9 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.layers.moe import SparseMoE
 from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.sparse_moe import SparseMoE
+from keras_moe.utils.keras_internals import flatten_layers, replace_sublayer
 
 __all__ = ["KerasHubMoEBlock", "from_keras_hub", "replace_moe_blocks"]
 
@@ -442,23 +443,6 @@ class KerasHubMoEBlock(keras.layers.Layer):
 _BLOCK_ATTRIBUTES = ("_sparse_moe_block", "mlp", "sparse_moe_block")
 
 
-def _swap(layer, attribute, new):
-    """Sets `layer.<attribute> = new`, untracking the old sublayer. keras
-    locks the state of a built layer, so the tracker is unlocked for the
-    swap and locked again (keras' private tracker API, 3.15)."""
-    old = getattr(layer, attribute)
-    tracker = layer._tracker
-    locked = tracker.locked
-    message = getattr(tracker, "_lock_violation_msg", None)
-    tracker.unlock()
-    try:
-        tracker.untrack(old)
-        setattr(layer, attribute, new)
-    finally:
-        if locked:
-            tracker.lock(message)
-
-
 def replace_moe_blocks(backbone, **kwargs):
     """Swaps every MoE block of a built keras-hub model for keras_moe's.
 
@@ -503,7 +487,7 @@ def replace_moe_blocks(backbone, **kwargs):
     True
     """
     replaced = []
-    for layer in list(backbone._flatten_layers(include_self=True)):
+    for layer in list(flatten_layers(backbone, include_self=True)):
         for attribute in _BLOCK_ATTRIBUTES:
             block = getattr(layer, attribute, None)
             if not isinstance(block, keras.layers.Layer):
@@ -522,6 +506,6 @@ def replace_moe_blocks(backbone, **kwargs):
                 dtype=block.dtype_policy,
             )
             new.build((None, None, moe.experts.kernel_in.shape[1]))
-            _swap(layer, attribute, new)
+            replace_sublayer(layer, attribute, new)
             replaced.append(path)
     return replaced

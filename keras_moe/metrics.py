@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe import boxes as box_ops
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 
 
 def _default_name(threshold):

@@ -7,6 +7,15 @@ from keras import ops
 
 from keras_moe import _autodiff
 from keras_moe import weighting as weighting_module
+from keras_moe.utils.keras_internals import (
+    aggregate_additional_loss,
+    compiled_loss,
+    compiled_loss_entries,
+    inbound_node,
+    keeps_compiled_loss_entries,
+    keras_history,
+    set_compiled_loss_entries,
+)
 
 
 class _TaskWeightLog(keras.metrics.Metric):
@@ -114,7 +123,7 @@ def _ancestor_layers(tensor):
     stack = [tensor]
     while stack:
         current = stack.pop()
-        history = getattr(current, "_keras_history", None)
+        history = keras_history(current)
         if history is None:
             continue
         operation, node_index = history[0], history[1]
@@ -123,7 +132,7 @@ def _ancestor_layers(tensor):
             continue
         seen_nodes.add(key)
         found[id(operation)] = operation
-        node = operation._inbound_nodes[node_index]
+        node = inbound_node(operation, node_index)
         stack.extend(keras.tree.flatten(node.input_tensors))
     return found
 
@@ -293,8 +302,8 @@ class MultiTaskModel(keras.Model):
             optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs
         )
         self._recorder = None
-        if self._compile_loss is not None:
-            self._recorder = self._record_task_losses(self._compile_loss)
+        if compiled_loss(self) is not None:
+            self._recorder = self._record_task_losses(compiled_loss(self))
 
     def compile_from_config(self, config):
         # Keras skips `compile` on load when a model overrides it; this one
@@ -309,7 +318,7 @@ class MultiTaskModel(keras.Model):
         its value (see `_TaskLossRecorder`). Relies on Keras 3's
         `CompileLoss` keeping `(path, loss, loss_weights, name)` entries in
         `_flat_losses` once built."""
-        if not hasattr(compile_loss, "_flat_losses"):
+        if not keeps_compiled_loss_entries(compile_loss):
             raise NotImplementedError(
                 "MultiTaskModel needs Keras 3's CompileLoss internals "
                 f"(`_flat_losses`); this Keras ({keras.__version__}) has none."
@@ -328,11 +337,11 @@ class MultiTaskModel(keras.Model):
             build(y_true, y_pred)
             recorder.entries = []
             entries = []
-            for index, entry in enumerate(compile_loss._flat_losses):
+            for index, entry in enumerate(compiled_loss_entries(compile_loss)):
                 path, loss_fn, loss_weight = entry[0], entry[1], entry[2]
                 wrapped = recorder.wrap(index, task_of(path), loss_fn, loss_weight)
                 entries.append(entry._replace(loss=wrapped))
-            compile_loss._flat_losses = entries
+            set_compiled_loss_entries(compile_loss, entries)
 
         compile_loss.build = build_and_record
         return recorder
@@ -347,7 +356,7 @@ class MultiTaskModel(keras.Model):
                 x, y, y_pred, sample_weight, training=training
             )
         self._recorder.start()
-        self._compile_loss(y, y_pred, sample_weight)  # also logs <task>_loss
+        compiled_loss(self)(y, y_pred, sample_weight)  # also logs <task>_loss
         per_task = self._recorder.collect()
         task_losses = ops.stack(per_task)
         self._recorder.task_loss_list = per_task
@@ -358,7 +367,7 @@ class MultiTaskModel(keras.Model):
             ops.stop_gradient(weights * self._recorder.constant_weights())
         )
         losses = [total]
-        losses.extend(self._aggregate_additional_loss(loss) for loss in self.losses)
+        losses.extend(aggregate_additional_loss(loss) for loss in self.losses)
         return losses[0] if len(losses) == 1 else ops.sum(losses)
 
     def train_step(self, *args):

@@ -29,9 +29,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.layers import _validation as check
-from keras_moe.layers.moe import SparseMoE
 from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.sparse_moe import SparseMoE
+from keras_moe.utils import validation as check
 
 __all__ = ["add_experts", "merge_experts", "upcycle"]
 

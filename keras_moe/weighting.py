@@ -11,7 +11,7 @@ into `compile`/`fit`. Each class documents its math; see
 import keras
 from keras import ops
 
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 
 WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 GRADNORM_OPTIMIZERS = ("adam", "sgd")

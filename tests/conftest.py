@@ -171,3 +171,88 @@ def random_boxes(rng, shape):
     corners = np.sort(rng.uniform(size=shape + (2, 2)), axis=-2)
     y1, x1, y2, x2 = corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]
     return np.stack([y1, x1, y2, x2], axis=-1).astype("float32")
+
+
+def to_numpy(tree):
+    """A tensor, or a nested structure of them, as NumPy."""
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, tree)
+
+
+def weight(layer, name):
+    """The variable of `layer` whose path ends with `name`."""
+    matches = [w for w in layer.weights if w.path.endswith(name)]
+    assert len(matches) == 1, [w.path for w in layer.weights]
+    return matches[0]
+
+
+def softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+# Non-default expert options, for the config round trips of the layers that
+# own an `Experts` bank.
+EXPERT_OPTIONS = dict(
+    activation="silu",
+    gated=True,
+    use_bias=False,
+    kernel_initializer="he_normal",
+    bias_initializer="ones",
+    kernel_regularizer="l2",
+    bias_regularizer="l1",
+)
+
+
+def perturb_task_experts(cgc, task):
+    """Adds noise to the output kernels of `task`'s experts in `cgc` (a
+    `CGC` layer or a level of a `PLE`)."""
+    kernel = weight(cgc.task_experts, "kernel_out")
+    value = np.array(keras.ops.convert_to_numpy(kernel))
+    m = cgc.num_task_experts
+    value[task * m : (task + 1) * m] += 1.0
+    kernel.assign(value)
+
+
+# Layers built with "zeros" initializers, then `randomize`d: on JAX every
+# random initializer compiles once per variable shape (about a second per
+# MoE layer on 2 cores), so the compression and quantization tests draw
+# their weights with NumPy instead.
+ZEROS = "zeros"
+
+
+def randomize(model, seed=0, scale=0.5):
+    """Assigns NumPy normal values, `scale / sqrt(fan_in)`, to every float
+    trainable variable of `model` (a layer or model); returns `model`."""
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_variables:
+        if "float" not in str(variable.dtype):
+            continue
+        shape = tuple(variable.shape)
+        fan_in = shape[-2] if len(shape) >= 2 else 1
+        value = rng.normal(size=shape) * scale / np.sqrt(fan_in)
+        variable.assign(value.astype(variable.dtype))
+    return model
+
+
+def zeros(cls, *args, **kwargs):
+    """`cls(*args, **kwargs)` with `"zeros"` for each of its random
+    initializers (then call `randomize` on the built model)."""
+    from keras_moe.layers import CGC, PLE, MultiGateMoE, SoftMoE, SparseMoE
+
+    names = ["kernel_initializer"]
+    if cls is SparseMoE and "router" not in kwargs:
+        names.append("router_kernel_initializer")
+    if cls is SoftMoE:
+        names.append("slot_initializer")
+    if cls in (MultiGateMoE, CGC, PLE):
+        names.append("gate_kernel_initializer")
+    for name in names:
+        kwargs.setdefault(name, ZEROS)
+    return cls(*args, **kwargs)
+
+
+def moe_model(moe, shape=(4, 8)):
+    """A functional model around the layer `moe`, its weights `randomize`d."""
+    inputs = keras.Input(shape)
+    return randomize(keras.Model(inputs, moe(inputs)))

@@ -6,6 +6,7 @@ import inspect
 import keras
 import numpy as np
 
+from keras_moe.utils.keras_internals import inbound_nodes
 
 
 def _has_return_routing(layer):
@@ -51,7 +52,7 @@ def _model_chain(model, layer):
 
 def _call_input(layer, owner):
     """The symbolic input tensor of `layer`'s one call in its model's graph."""
-    nodes = getattr(layer, "_inbound_nodes", [])
+    nodes = inbound_nodes(layer)
     if not nodes:
         raise ValueError(
             f"RoutingMonitor(class_data=...) runs the model up to the input of "

@@ -5,6 +5,7 @@ import weakref
 
 import numpy as np
 
+from keras_moe.utils.keras_internals import child_layers
 
 
 def moe_layers(model):
@@ -15,7 +16,7 @@ def moe_layers(model):
     def visit(layer):
         if hasattr(layer, "routing_stats") and layer not in found:
             found.append(layer)
-        for child in getattr(layer, "_layers", []):
+        for child in child_layers(layer):
             visit(child)
 
     for layer in model.layers:

@@ -18,7 +18,7 @@ from keras_moe.callbacks._summary import (
     _safe_name,
     _SummaryWriter,
 )
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 
 
 class RoutingMonitor(keras.callbacks.Callback):

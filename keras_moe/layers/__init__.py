@@ -1,6 +1,7 @@
 """Public Keras layers of keras_moe."""
 
 from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
+from keras_moe.layers.cgc import CGC
 from keras_moe.layers.dselect_k import DSelectKRouter
 from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.experts import Experts
@@ -13,10 +14,11 @@ from keras_moe.layers.heads import (
     default_compile_args,
 )
 from keras_moe.layers.mixture import MixtureOfExperts
-from keras_moe.layers.moe import SparseMoE
-from keras_moe.layers.multitask import CGC, PLE, MultiGateMoE
+from keras_moe.layers.mmoe import MultiGateMoE
+from keras_moe.layers.ple import PLE
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.layers.soft_moe import SoftMoE
+from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.task_router import TaskRouter
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Shared handling of the `routing_inputs=` ids of id-based routers."""
 
-import numpy as np
 from keras import ops
+
+from keras_moe.utils.tensors import concrete_values  # noqa: F401  (TaskRouter)
 
 
 def require_ids(layer, inputs, routing_inputs):
@@ -34,12 +35,3 @@ def as_int32(ids):
             f"with dtype {ids.dtype}"
         )
     return ops.cast(ids, "int32")
-
-
-def concrete_values(x):
-    """The NumPy value of `x` when it has one (eager), else `None` (traced
-    by `tf.function` or `jax.jit`, or symbolic)."""
-    try:
-        return np.asarray(ops.convert_to_numpy(x))
-    except Exception:  # a tracer or a graph tensor has no value yet
-        return None

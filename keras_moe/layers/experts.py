@@ -5,8 +5,13 @@ import numpy as np
 from keras import ops
 
 from keras_moe import activations
-from keras_moe.layers import _validation as check
 from keras_moe.ops.dropless import gather_experts
+from keras_moe.utils import validation as check
+from keras_moe.utils.keras_internals import (
+    flatten_layers,
+    mark_quantized,
+    untrack_variable,
+)
 
 # The kernels of an expert bank, in the order they are saved; each has the
 # expert axis first and its input axis second: (E, in, out).
@@ -82,7 +87,7 @@ def quantized_dtype_config(layer, config):
     """
     entries = {}
     prefix = f"{layer.path}/" if layer.path else None
-    for sublayer in layer._flatten_layers(include_self=False):
+    for sublayer in flatten_layers(layer, include_self=False):
         if not sublayer.path:
             continue
         policy = _resolved_policy(sublayer)
@@ -444,7 +449,10 @@ class Experts(keras.layers.Layer):
         input axis of each expert. Only `mode="int8"` is supported.
         """
         if type_check and type(self) is not Experts:
-            raise self._not_implemented_error(self.quantize)
+            raise NotImplementedError(
+                f"Layer {type(self).__name__} does not have a `quantize` "
+                "method implemented."
+            )
         if mode != "int8":
             raise NotImplementedError(
                 "Experts supports only int8 quantization. Received: "
@@ -471,7 +479,7 @@ class Experts(keras.layers.Layer):
         for name in values:
             # Untrack the float kernel (as `Layer.__delattr__` does, without
             # its `gc.collect()` per variable: about 0.3 s each).
-            self._untrack_variable(getattr(self, name))
+            untrack_variable(self, getattr(self, name))
             super(keras.layers.Layer, self).__delattr__(name)
         self.quantized_build(None, mode, config, kernel_shapes=shapes)
         for name, (quantized, scale) in values.items():
@@ -499,7 +507,7 @@ class Experts(keras.layers.Layer):
             if self.gated:
                 kernel_shapes["kernel_gate"] = (e, d, h)
         self._int8_build(kernel_shapes, config)
-        self._is_quantized = True
+        mark_quantized(self)
 
     def _int8_build(self, kernel_shapes, config=None):
         self.quantization_config = config

@@ -9,8 +9,9 @@ with `model.compile(optimizer, **default_compile_args(model))`.
 import keras
 from keras import ops
 
-from keras_moe.layers import _validation as check
 from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.utils import validation as check
+from keras_moe.utils.keras_internals import output_items, producing_layer
 
 OUTPUT_MODES = ("probabilities", "logits")
 
@@ -487,27 +488,6 @@ class BoxHead(_Head):
         return [BoxIoU(), BoxIoU(threshold=0.5)]
 
 
-
-def _output_items(model):
-    """`(name, tensor)` for every output of a functional model, named as
-    Keras names the targets of a dict `y`: the keys of a dict output
-    structure, else `model.output_names` (the names of the layers producing
-    the outputs)."""
-    # Only functional models name their outputs (a Sequential model has no
-    # `output_names` and Keras cannot match dict losses to its output).
-    structure = getattr(model, "_outputs_struct", None)
-    if structure is None or not getattr(model, "output_names", None):
-        raise ValueError(
-            "default_compile_args needs a functional model, made with "
-            "keras.Model(inputs, outputs); for a Sequential model pass "
-            "loss=head.default_loss(), metrics=head.default_metrics(). "
-            f"Received: {model!r}"
-        )
-    if isinstance(structure, dict):
-        return [(str(name), tensor) for name, tensor in structure.items()]
-    return list(zip(model.output_names, keras.tree.flatten(structure)))
-
-
 def default_compile_args(model):
     """`loss` and `metrics` for `model.compile`, from the model's heads.
 
@@ -554,8 +534,8 @@ def default_compile_args(model):
     >>> model.compile(optimizer="adam", **args)
     """
     losses, metrics, unknown = {}, {}, []
-    for name, tensor in _output_items(model):
-        layer = tensor._keras_history[0]
+    for name, tensor in output_items(model):
+        layer = producing_layer(tensor)
         if not (
             callable(getattr(layer, "default_loss", None))
             and callable(getattr(layer, "default_metrics", None))

@@ -6,12 +6,13 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.layers.routers import default_router_initializer
 from keras_moe.ops import balancing, selection
 from keras_moe.ops import dispatching as dispatch_ops
+from keras_moe.ops import planning
+from keras_moe.utils import validation as check
 
 INTEGRATIONS = ("weighted_sum", "max", "attention")
 
@@ -319,14 +320,20 @@ class MixtureOfExperts(keras.layers.Layer):
     def _sparse_experts(self, flat, probs, num_examples, training):
         """Each expert on its `C` dispatched examples only: `(E, C, O)`,
         gathered back to `(B, k, O)` (zeros for dropped pairs)."""
-        capacity_factor = self.capacity_factor if training else self.eval_capacity_factor
-        capacity = dispatch_ops.compute_capacity(
-            num_examples, self.num_experts, self.k, capacity_factor
+        capacity = planning.choose_capacity(
+            num_examples,
+            self.num_experts,
+            self.k,
+            planning.capacity_factor_for(
+                training, self.capacity_factor, self.eval_capacity_factor
+            ),
         )
         top, index = selection.top_k(probs, self.k)
         if self.k > 1:
             top = top / ops.sum(top, axis=-1, keepdims=True)
-        plan = dispatch_ops.make_dispatch_plan(index, self.num_experts, capacity)
+        plan, _ = planning.plan_dispatch(
+            {"expert_index": index}, self.num_experts, capacity
+        )
         buffers = dispatch_ops.dispatch(  # (E, C, D)
             flat, plan, custom_gradient=bool(training)
         )

@@ -2,10 +2,10 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.layers import _validation as check
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.utils import validation as check
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")

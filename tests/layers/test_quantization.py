@@ -28,7 +28,7 @@ from keras_moe.layers import (
     TopKRouter,
 )
 from keras_moe.layers import experts as experts_module
-from tests.compression_helpers import ZEROS, randomize, to_numpy
+from tests.conftest import ZEROS, randomize, to_numpy
 
 WEIGHT_ONLY = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 

@@ -4,7 +4,6 @@ import pytest
 
 from keras_moe.callbacks import RoutingMetrics
 from keras_moe.layers import (
-    CGC,
     PLE,
     DSelectKRouter,
     ExpertChoiceRouter,
@@ -13,34 +12,15 @@ from keras_moe.layers import (
     TopKRouter,
 )
 from keras_moe.testing import run_layer_test
-from tests.conftest import input_gradients, numpy_experts, tokens, xla_only
-
-
-def to_numpy(tree):
-    return keras.tree.map_structure(keras.ops.convert_to_numpy, tree)
-
-
-def weight(layer, name):
-    """The variable of `layer` whose path ends with `name`."""
-    matches = [w for w in layer.weights if w.path.endswith(name)]
-    assert len(matches) == 1, [w.path for w in layer.weights]
-    return matches[0]
-
-
-def softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
-EXPERT_OPTIONS = dict(
-    activation="silu",
-    gated=True,
-    use_bias=False,
-    kernel_initializer="he_normal",
-    bias_initializer="ones",
-    kernel_regularizer="l2",
-    bias_regularizer="l1",
+from tests.conftest import (
+    EXPERT_OPTIONS,
+    input_gradients,
+    numpy_experts,
+    softmax,
+    to_numpy,
+    tokens,
+    weight,
+    xla_only,
 )
 
 
@@ -109,56 +89,6 @@ def test_contract_mmoe_custom_routers():
         ),
         tokens((8, 6)),
         expected_output_shape=[(8, 6)] * 3,
-    )
-
-
-@pytest.mark.parametrize("shared_output", [False, True])
-@pytest.mark.parametrize("list_input", [False, True])
-def test_contract_cgc(shared_output, list_input):
-    t = 2
-    x = tokens((5, 6))
-    data = [tokens((5, 6), seed=i) for i in range(t + 1)] if list_input else x
-    outputs = t + int(shared_output)
-    run_layer_test(
-        CGC,
-        dict(
-            num_tasks=t,
-            num_task_experts=2,
-            num_shared_experts=3,
-            hidden_dim=7,
-            output_dim=4,
-            shared_output=shared_output,
-            k=3,
-            gate_kernel_initializer="glorot_normal",
-            task_names=["x", "y"],
-            **EXPERT_OPTIONS,
-        ),
-        data,
-        expected_output_shape=[(5, 4)] * outputs,
-        # task + shared experts (3 kernels each), task gate (+ shared gate)
-        expected_num_trainable_weights=6 + 2 + 2 * int(shared_output),
-        expected_num_non_trainable_weights=4,
-    )
-
-
-@pytest.mark.parametrize("num_levels", [2, 3])
-def test_contract_ple(num_levels):
-    run_layer_test(
-        PLE,
-        dict(
-            num_tasks=2,
-            num_levels=num_levels,
-            num_task_experts=2,
-            num_shared_experts=2,
-            hidden_dim=[6, 5, 4][:num_levels],
-            output_dim=[5, 4, 3][:num_levels],
-            k=2,
-            gate_kernel_initializer="glorot_normal",
-            task_names=["p", "q"],
-            **EXPERT_OPTIONS,
-        ),
-        tokens((4, 3, 6)),
-        expected_output_shape=[(4, 3, [5, 4, 3][num_levels - 1])] * 2,
     )
 
 
@@ -323,102 +253,6 @@ def test_task_gates_start_different():
         )
 
 
-# --- CGC / PLE wiring ------------------------------------------------------------
-
-
-def perturb_task_experts(cgc, task):
-    """Adds noise to the output kernels of `task`'s experts in `cgc`."""
-    kernel = weight(cgc.task_experts, "kernel_out")
-    value = np.array(keras.ops.convert_to_numpy(kernel))
-    m = cgc.num_task_experts
-    value[task * m : (task + 1) * m] += 1.0
-    kernel.assign(value)
-
-
-def test_cgc_task_output_reads_only_its_experts_and_input():
-    t = 3
-    xs = [tokens((6, 4), seed=i) for i in range(t + 1)]
-    cgc = CGC(t, 2, 1, hidden_dim=5, shared_output=True)
-    before = to_numpy(cgc(xs))
-    perturb_task_experts(cgc, 1)
-    after = to_numpy(cgc(xs))
-    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
-    np.testing.assert_allclose(after[2], before[2], atol=1e-6)
-    assert not np.allclose(after[1], before[1])
-    assert not np.allclose(after[3], before[3])  # the shared gate sees task 1
-    # Task 0's output reads task 0's input and the shared one only.
-    changed = list(xs)
-    changed[1] = changed[1] + 1.0
-    again = to_numpy(cgc(changed))
-    np.testing.assert_allclose(again[0], after[0], atol=1e-6)
-    assert not np.allclose(again[1], after[1])
-
-
-def test_cgc_gates_numpy_reference():
-    t, m, s = 2, 2, 1
-    xs = [tokens((5, 4), seed=10 + i) for i in range(t + 1)]
-    cgc = CGC(t, m, s, hidden_dim=6, output_dim=3, shared_output=True,
-              gate_kernel_initializer="glorot_normal")
-    ys = to_numpy(cgc(xs))
-    f_task = numpy_experts(cgc.task_experts, np.repeat(np.stack(xs[:t]), m, axis=0))
-    f_shared = numpy_experts(cgc.shared_experts, np.broadcast_to(xs[t], (s,) + xs[t].shape))
-    wk = keras.ops.convert_to_numpy(cgc.task_gate_kernel)
-    for i in range(t):
-        g = softmax(xs[i] @ wk[i])
-        mixed = np.concatenate([f_task[i * m : (i + 1) * m], f_shared])
-        np.testing.assert_allclose(
-            ys[i], np.einsum("ne,eno->no", g, mixed), atol=1e-5, rtol=1e-5
-        )
-    g_s = softmax(xs[t] @ keras.ops.convert_to_numpy(cgc.shared_gate_kernel))
-    np.testing.assert_allclose(
-        ys[t], np.einsum("ne,eno->no", g_s, np.concatenate([f_task, f_shared])),
-        atol=1e-5, rtol=1e-5,
-    )
-
-
-def test_cgc_top_k_keeps_k_weights():
-    cgc = CGC(2, 3, 2, hidden_dim=4, k=2, shared_output=True)
-    _, routing = cgc(tokens((7, 5)), return_routing=True)
-    for gates in to_numpy([routing["task_gates"], routing["shared_gates"]]):
-        assert ((gates > 0).sum(-1) == 2).all()
-        np.testing.assert_allclose(gates.sum(-1), 1.0, atol=1e-5)
-
-
-def test_ple_gate_wiring():
-    t, m, s, levels = 2, 2, 1, 3
-    ple = PLE(t, levels, m, s, hidden_dim=6)
-    x = tokens((5, 4), seed=7)
-    ple(x)
-    for i, level in enumerate(ple.levels):
-        last = i == levels - 1
-        # Task gates: T gates over [own experts + shared].
-        assert tuple(level.task_gate_kernel.shape) == (t, 4, m + s)
-        # The shared gate (over all T m + s experts) on all levels but the last.
-        assert (level.shared_gate_kernel is None) == last
-        if not last:
-            assert tuple(level.shared_gate_kernel.shape) == (4, t * m + s)
-        gates = [w for w in level.trainable_weights if "gate" in w.path]
-        assert len(gates) == (2 if last else 4)
-        assert level.shared_output == (not last)
-    before = to_numpy(ple(x))
-    perturb_task_experts(ple.levels[-1], 1)
-    after = to_numpy(ple(x))
-    np.testing.assert_allclose(after[0], before[0], atol=1e-6)  # last level: isolated
-    assert not np.allclose(after[1], before[1])
-    perturb_task_experts(ple.levels[0], 1)
-    again = to_numpy(ple(x))
-    assert not np.allclose(again[0], after[0])  # first level: via the shared gate
-
-
-def test_ple_validates_per_level_sizes():
-    with pytest.raises(ValueError, match="num_levels=3"):
-        PLE(2, 3, hidden_dim=[4, 4])
-    with pytest.raises(ValueError, match="output_dim"):
-        PLE(2, 2, hidden_dim=4, output_dim=[4, 0])
-    ple = PLE(2, 2, hidden_dim=[8, 4], output_dim=[6, None])
-    assert [tuple(y.shape) for y in ple(tokens((3, 5)))] == [(3, 6), (3, 6)]
-
-
 # --- Telemetry ------------------------------------------------------------------
 
 
@@ -427,8 +261,6 @@ def test_ple_validates_per_level_sizes():
     [
         lambda: MultiGateMoE(3, 4, 5),
         lambda: MultiGateMoE(3, 4, 5, k=2, eval_capacity_factor=0.5),
-        lambda: CGC(3, 1, 2, 5, shared_output=True),
-        lambda: PLE(3, 2, 1, 2, hidden_dim=5),
     ],
 )
 def test_usage_rows_sum_to_one(make):
@@ -509,7 +341,6 @@ def test_mixed_precision():
     for layer in (
         MultiGateMoE(2, 4, 8, dtype="mixed_bfloat16"),
         MultiGateMoE(2, 4, 8, k=2, dtype="mixed_bfloat16"),
-        PLE(2, 2, 1, 1, hidden_dim=8, dtype="mixed_bfloat16"),
     ):
         ys = layer(x)
         for y in ys:
@@ -560,25 +391,11 @@ def test_sparse_mmoe_jit_compiled_fit():
         (lambda: MultiGateMoE(2, 4, 8, task_names=["a"]), "len\\(task_names\\)=1"),
         (lambda: MultiGateMoE(2, 4, 8, task_names=["a", "a"]), "distinct"),
         (lambda: MultiGateMoE(2, 4, 8, capacity_factor=0), "capacity_factor=0"),
-        (lambda: CGC(0, 1, 1, 4), "num_tasks=0"),
-        (lambda: CGC(2, 0, 0, 4), "num_task_experts=0"),
-        (lambda: CGC(2, 1, 1, 4, k=3), "k=3"),
-        (lambda: CGC(2, 1, 1, 4, task_names=["a", "b", "c"]), "len\\(task_names\\)=3"),
-        (lambda: PLE(2, 0, hidden_dim=4), "num_levels=0"),
-        (lambda: PLE(0, 2, hidden_dim=4), "num_tasks=0"),
     ],
 )
 def test_invalid_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
-
-
-def test_cgc_list_input_of_wrong_length():
-    cgc = CGC(2, 1, 1, 4)
-    with pytest.raises(ValueError, match="a list of 2 inputs, num_tasks=2"):
-        cgc([tokens((3, 5)), tokens((3, 5))])
-    with pytest.raises(ValueError, match="same shape"):
-        cgc([tokens((3, 5)), tokens((3, 5)), tokens((3, 4))])
 
 
 def test_wrong_input_width_after_build():
@@ -632,10 +449,8 @@ def test_sparse_mmoe_empty_batch_gives_empty_outputs():
     [
         lambda: MultiGateMoE(2, 2, 4),
         lambda: MultiGateMoE(**SMALL_SPARSE),
-        lambda: CGC(2, 1, 1, 4),
-        lambda: PLE(2, 1, 1, 2, hidden_dim=4),
     ],
-    ids=["mmoe", "sparse-mmoe", "cgc", "ple"],
+    ids=["mmoe", "sparse-mmoe"],
 )
 def test_integer_inputs_are_cast_to_the_compute_dtype(make):
     """Issue 22: int32 inputs crashed on torch only (no einsum promotion)."""

@@ -16,7 +16,7 @@ from keras_moe.layers import (
     SparseMoE,
     default_compile_args,
 )
-from tests.compression_helpers import randomize, to_numpy, zeros
+from tests.conftest import randomize, to_numpy, zeros
 
 STATISTICS = {
     "expert_load", "dropped_fraction", "load_balance_loss", "router_entropy",
