@@ -1,10 +1,6 @@
 """Public Keras layers of keras_moe."""
 
-from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
-from keras_moe.layers.dselect_k import DSelectKRouter
-from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.experts import Experts
-from keras_moe.layers.hash_router import HashRouter
 from keras_moe.layers.heads import (
     BinaryHead,
     BoxHead,
@@ -15,9 +11,15 @@ from keras_moe.layers.heads import (
 from keras_moe.layers.mixture import MixtureOfExperts
 from keras_moe.layers.moe import SparseMoE
 from keras_moe.layers.multitask import CGC, PLE, MultiGateMoE
-from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.routers import (
+    BalancedAssignmentRouter,
+    DSelectKRouter,
+    ExpertChoiceRouter,
+    HashRouter,
+    TaskRouter,
+    TopKRouter,
+)
 from keras_moe.layers.soft_moe import SoftMoE
-from keras_moe.layers.task_router import TaskRouter
 
 __all__ = [
     "BalancedAssignmentRouter",

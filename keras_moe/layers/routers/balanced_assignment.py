@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import default_router_initializer, routing_output_spec
+from keras_moe.layers.routers.top_k import default_router_initializer, routing_output_spec
 from keras_moe.ops import dispatching
 
 

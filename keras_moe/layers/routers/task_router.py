@@ -7,7 +7,7 @@ from keras import ops
 from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import routing_output_spec
+from keras_moe.layers.routers.top_k import routing_output_spec
 from keras_moe.ops import balancing, selection
 
 
