@@ -16,6 +16,8 @@ from keras_moe.layers.routers import (
     DSelectKRouter,
     ExpertChoiceRouter,
     HashRouter,
+    Router,
+    RoutingResult,
     TaskRouter,
     TopKRouter,
 )
@@ -35,6 +37,8 @@ __all__ = [
     "MultiGateMoE",
     "PLE",
     "RegressionHead",
+    "Router",
+    "RoutingResult",
     "SoftMoE",
     "SparseMoE",
     "TaskRouter",
