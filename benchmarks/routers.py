@@ -51,13 +51,13 @@ def routers():
         ("soft MoE (1 slot/expert)", lambda: SoftMoE(E, HIDDEN), False),
     ]
     optional = [
-        ("keras_moe.layers.expert_choice", "ExpertChoiceRouter", "expert choice (k=2)",
+        ("keras_moe.layers.routers.expert_choice", "ExpertChoiceRouter", "expert choice (k=2)",
          lambda cls: SparseMoE(E, HIDDEN, router=cls(E, k=2)), False),
-        ("keras_moe.layers.balanced_assignment", "BalancedAssignmentRouter",
+        ("keras_moe.layers.routers.balanced_assignment", "BalancedAssignmentRouter",
          "balanced assignment (BASE)", lambda cls: SparseMoE(E, HIDDEN, router=cls(E)), False),
-        ("keras_moe.layers.dselect_k", "DSelectKRouter", "DSelect-k (k=2)",
+        ("keras_moe.layers.routers.dselect_k", "DSelectKRouter", "DSelect-k (k=2)",
          lambda cls: SparseMoE(E, HIDDEN, router=cls(E, k=2)), False),
-        ("keras_moe.layers.hash_router", "HashRouter", "hash on row position",
+        ("keras_moe.layers.routers.hash_router", "HashRouter", "hash on row position",
          lambda cls: SparseMoE(E, HIDDEN, router=cls(E, k=1)), True),
     ]
     import importlib

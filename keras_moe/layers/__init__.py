@@ -1,11 +1,7 @@
 """Public Keras layers of keras_moe."""
 
-from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
 from keras_moe.layers.cgc import CGC
-from keras_moe.layers.dselect_k import DSelectKRouter
-from keras_moe.layers.expert_choice import ExpertChoiceRouter
 from keras_moe.layers.experts import Experts
-from keras_moe.layers.hash_router import HashRouter
 from keras_moe.layers.heads import (
     BinaryHead,
     BoxHead,
@@ -16,10 +12,18 @@ from keras_moe.layers.heads import (
 from keras_moe.layers.mixture import MixtureOfExperts
 from keras_moe.layers.mmoe import MultiGateMoE
 from keras_moe.layers.ple import PLE
-from keras_moe.layers.routers import TopKRouter
+from keras_moe.layers.routers import (
+    BalancedAssignmentRouter,
+    DSelectKRouter,
+    ExpertChoiceRouter,
+    HashRouter,
+    Router,
+    RoutingResult,
+    TaskRouter,
+    TopKRouter,
+)
 from keras_moe.layers.soft_moe import SoftMoE
 from keras_moe.layers.sparse_moe import SparseMoE
-from keras_moe.layers.task_router import TaskRouter
 
 __all__ = [
     "BalancedAssignmentRouter",
@@ -35,6 +39,8 @@ __all__ = [
     "MultiGateMoE",
     "PLE",
     "RegressionHead",
+    "Router",
+    "RoutingResult",
     "SoftMoE",
     "SparseMoE",
     "TaskRouter",

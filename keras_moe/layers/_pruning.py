@@ -13,7 +13,10 @@ Keras layer implements `quantize` for `Model.quantize`:
   experts, in order: expert `kept[i]` of `source` becomes expert `i`.
 
 A layer that owns a router asks the router for its part through the same
-two methods. The helpers below do the slicing that most layers need.
+two methods; `keras_moe.layers.Router` implements them for any router
+whose weights have the experts along an axis of size `E`, so every router
+subclass is prunable unless it says otherwise. The helpers below do the
+slicing that most layers need.
 """
 
 import keras
@@ -110,6 +113,8 @@ def pruning_hook(layer, name):
     if method is None:
         raise ValueError(
             f"{type(layer).__name__} {layer.name!r} is not prunable: it has no "
-            "pruned_config / copy_pruned_weights methods"
+            "pruned_config / copy_pruned_weights methods (every subclass of "
+            "keras_moe.layers.Router has them: subclass it, or implement the "
+            "two methods)"
         )
     return method

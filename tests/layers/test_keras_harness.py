@@ -88,7 +88,7 @@ def test_keras_run_layer_test(layer_cls, init_kwargs, input_shape, options):
     reason="HashRouter and TaskRouter route on ids passed as `routing_inputs`; "
     "Keras's harness calls the layer on the input tensor alone in its "
     "symbolic, build and mixed-precision checks, which these routers reject "
-    "with a ValueError by design (tests/layers/test_hash_router.py and "
+    "with a ValueError by design (tests/layers/routers/test_hash_router.py and "
     "test_task_router.py run our helper with ids)"
 )
 def test_keras_run_layer_test_id_routers():

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from keras_moe.layers import SparseMoE, TopKRouter
-from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
-from keras_moe.layers.dselect_k import DSelectKRouter
-from keras_moe.layers.expert_choice import ExpertChoiceRouter
-from keras_moe.layers.hash_router import HashRouter
-from keras_moe.layers.task_router import TaskRouter
+from keras_moe.layers.routers.balanced_assignment import BalancedAssignmentRouter
+from keras_moe.layers.routers.dselect_k import DSelectKRouter
+from keras_moe.layers.routers.expert_choice import ExpertChoiceRouter
+from keras_moe.layers.routers.hash_router import HashRouter
+from keras_moe.layers.routers.task_router import TaskRouter
 from tests.conftest import xla_only
 
 E = 4

@@ -5,9 +5,8 @@ import numbers
 import keras
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import routing_output_spec
+from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
 
 
@@ -37,7 +36,7 @@ def num_code_bits(num_experts):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DSelectKRouter(keras.layers.Layer):
+class DSelectKRouter(Router):
     """DSelect-k router (per-example version): at most `k` experts per
     token, chosen by a differentiable, exactly sparse gate.
 
@@ -82,7 +81,7 @@ class DSelectKRouter(keras.layers.Layer):
             entropy loss.
 
     Returns:
-        A dict with `expert_index` `(..., k)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., k)` int32, `combine_weights`
         `(..., k)`, `probs` `(..., E)` (the gate `w`), `selector_weights`
         `(..., k)` (`alpha`), `selector_probs` `(..., k, E)` (the `r_i`) and
         the scalar unweighted `entropy_loss`.
@@ -103,6 +102,8 @@ class DSelectKRouter(keras.layers.Layer):
         of Experts with Applications to Multi-Task Learning (NeurIPS 2021).
     """
 
+    routing_fields = ("entropy_loss",)
+
     def __init__(
         self,
         num_experts,
@@ -114,11 +115,7 @@ class DSelectKRouter(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.k = check.k_for_experts(k, self.num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         if (
             isinstance(gamma, bool)
             or not isinstance(gamma, numbers.Real)
@@ -209,35 +206,24 @@ class DSelectKRouter(keras.layers.Layer):
             ops.reshape(entropy, (-1,)),
             None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,)),
         )
-        if training and self.entropy_weight:
-            self.add_loss(self.entropy_weight * entropy_loss)
-        return {
-            "expert_index": expert_index,
-            "combine_weights": combine_weights,
-            "probs": w,
-            "selector_weights": alpha,
-            "selector_probs": r,
-            "entropy_loss": entropy_loss,
-        }
+        routing = RoutingResult(
+            expert_index=expert_index,
+            combine_weights=combine_weights,
+            probs=w,
+            selector_weights=alpha,
+            selector_probs=r,
+            entropy_loss=entropy_loss,
+        )
+        self.add_weighted_losses(
+            routing, training, {"entropy_loss": self.entropy_weight}
+        )
+        return routing
 
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        lead = input_shape[:-1]
-        return {
-            "expert_index": lead + (self.k,),
-            "combine_weights": lead + (self.k,),
-            "probs": lead + (self.num_experts,),
-            "selector_weights": lead + (self.k,),
-            "selector_probs": lead + (self.k, self.num_experts),
-            "entropy_loss": (),
-        }
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(self, inputs, training=None, mask=None):
-        shapes = self.compute_output_shape(inputs.shape)
-        return routing_output_spec(shapes, self.compute_dtype)
+    def routing_shapes(self, lead, training=None):
+        shapes = super().routing_shapes(lead, training=training)
+        shapes["selector_weights"] = tuple(lead) + (self.k,)
+        shapes["selector_probs"] = tuple(lead) + (self.k, self.num_experts)
+        return shapes
 
     def pruned_config(self, kept):
         """This router's config for the experts `kept` only.
@@ -262,7 +248,7 @@ class DSelectKRouter(keras.layers.Layer):
                 f"DSelectKRouter {self.name!r} has k={self.k} selectors and "
                 f"cannot keep fewer experts. Received: kept={list(kept)!r}"
             )
-        return _pruning.router_config(self, kept)
+        return super().pruned_config(kept)
 
     def copy_pruned_weights(self, source, kept):
         """Copies `source`'s weights, keeping the low `ceil(log2 E')` code
@@ -281,8 +267,6 @@ class DSelectKRouter(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_experts=self.num_experts,
-            k=self.k,
             gamma=self.gamma,
             entropy_weight=self.entropy_weight,
             kernel_initializer=(

@@ -4,10 +4,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import routing_output_spec
+from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import selection
 
 # The arithmetic hash works in int32 without overflow: every product below
@@ -73,7 +72,7 @@ def remap_hash_table(table, kept, k):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class HashRouter(keras.layers.Layer):
+class HashRouter(Router):
     """Hash router: each token id goes to a fixed set of `k` experts.
 
     Hash layers (Roller et al. 2021) replace the learned router by a fixed
@@ -115,7 +114,7 @@ class HashRouter(keras.layers.Layer):
         mask: accepted for the router contract; unused (no loss to mask).
 
     Returns:
-        A dict with `expert_index` `(..., k)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., k)` int32, `combine_weights`
         `(..., k)` (all `1/k`), `probs` `(..., E)` and `load_balance_loss`
         (always 0).
 
@@ -135,12 +134,11 @@ class HashRouter(keras.layers.Layer):
         Models (NeurIPS 2021).
     """
 
+    needs_routing_inputs = True
+    routing_fields = ("load_balance_loss",)
+
     def __init__(self, num_experts, k=1, vocab_size=None, seed=0, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.k = check.k_for_experts(k, self.num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         self.vocab_size = (
             None if vocab_size is None else check.positive_int("vocab_size", vocab_size)
         )
@@ -205,38 +203,18 @@ class HashRouter(keras.layers.Layer):
             ops.one_hot(expert_index, self.num_experts, dtype=self.compute_dtype),
             axis=-2,
         )
-        return {
-            "expert_index": expert_index,
-            "combine_weights": combine_weights,
-            "probs": probs,
-            "load_balance_loss": ops.zeros((), dtype=self.compute_dtype),
-        }
+        return RoutingResult(
+            expert_index=expert_index,
+            combine_weights=combine_weights,
+            probs=probs,
+            load_balance_loss=ops.zeros((), dtype=self.compute_dtype),
+        )
 
     def expert_table(self, ids):
         """The experts of each id, `(..., k)` int32 NumPy (for inspection)."""
         ids = np.asarray(ids)
         dummy = np.zeros(ids.shape + (1,), "float32")
         return ops.convert_to_numpy(self(dummy, routing_inputs=ids)["expert_index"])
-
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        lead = input_shape[:-1]
-        return {
-            "expert_index": lead + (self.k,),
-            "combine_weights": lead + (self.k,),
-            "probs": lead + (self.num_experts,),
-            "load_balance_loss": (),
-        }
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(
-        self, inputs, routing_inputs=None, training=None, mask=None
-    ):
-        _routing_ids.require_ids(self, inputs, routing_inputs)
-        shapes = self.compute_output_shape(inputs.shape)
-        return routing_output_spec(shapes, self.compute_dtype)
 
     def pruned_config(self, kept):
         """This router's config for the experts `kept` only (a sorted list
@@ -253,7 +231,7 @@ class HashRouter(keras.layers.Layer):
                 f"{self.num_experts} experts and cannot be remapped to fewer. "
                 "Use a HashRouter with a vocab_size table to prune."
             )
-        return _pruning.router_config(self, kept)
+        return super().pruned_config(kept)
 
     def copy_pruned_weights(self, source, kept):
         """Remaps `source`'s table (see `remap_hash_table`): an id whose
@@ -265,8 +243,6 @@ class HashRouter(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_experts=self.num_experts,
-            k=self.k,
             vocab_size=self.vocab_size,
             seed=self.seed,
         )

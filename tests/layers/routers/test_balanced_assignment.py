@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers.balanced_assignment import BalancedAssignmentRouter
-from keras_moe.layers.moe import SparseMoE
+from keras_moe.layers import SparseMoE
+from keras_moe.layers.routers.balanced_assignment import BalancedAssignmentRouter
 from keras_moe.testing import run_layer_test
 from tests.conftest import tokens
 

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers.hash_router import HashRouter
-from keras_moe.layers.moe import SparseMoE
+from keras_moe.layers import SparseMoE
+from keras_moe.layers.routers.hash_router import HashRouter
 from keras_moe.testing import assert_all_finite, check_config_round_trip
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_moe.layers.dselect_k import DSelectKRouter, smooth_step
-from keras_moe.layers.moe import SparseMoE
+from keras_moe.layers import SparseMoE
+from keras_moe.layers.routers.dselect_k import DSelectKRouter, smooth_step
 from keras_moe.testing import run_layer_test
 from tests.conftest import tokens
 

@@ -3,15 +3,18 @@
 import keras
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import default_router_initializer, routing_output_spec
+from keras_moe.layers.routers.base import (
+    Router,
+    RoutingResult,
+    default_router_initializer,
+)
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class ExpertChoiceRouter(keras.layers.Layer):
+class ExpertChoiceRouter(Router):
     """Expert-choice router: each expert takes its top-`C` tokens.
 
     Token-choice routers let every token pick `k` experts, so popular experts
@@ -72,7 +75,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
             counts only the others); the z-loss skips them.
 
     Returns:
-        A dict with `expert_index` `(..., E)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., E)` int32, `combine_weights`
         `(..., E)`, `keep` `(..., E)` bool, `position` `(..., E)` int32,
         `probs` `(..., E)` (= `S`), `logits` `(..., E)`, and the scalar
         unweighted losses `load_balance_loss` (0) and `z_loss`.
@@ -91,6 +94,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
     """
 
     assigns_positions = True
+    routing_fields = ("logits", "load_balance_loss", "z_loss")
 
     def __init__(
         self,
@@ -102,11 +106,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
         kernel_regularizer=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.k = check.k_for_experts(k, self.num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         self.use_bias = bool(use_bias)
         self.z_loss_weight = check.non_negative_float("z_loss_weight", z_loss_weight)
         self.kernel_initializer = keras.initializers.get(
@@ -118,18 +118,17 @@ class ExpertChoiceRouter(keras.layers.Layer):
         if self.built:
             return
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        d, e = input_shape[-1], self.num_experts
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(d, e),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
+        self.add_router_kernel(
+            input_shape[-1],
+            self.kernel_initializer,
+            self.kernel_regularizer,
+            self.use_bias,
         )
-        self.bias = (
-            self.add_weight(name="bias", shape=(e,), initializer="zeros")
-            if self.use_bias
-            else None
-        )
+
+    @property
+    def num_choices(self):
+        """`E`: every token has one column per expert."""
+        return self.num_experts
 
     def default_capacity(self, num_tokens):
         """`C = min(N, ceil(k N / E))`."""
@@ -147,9 +146,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
                 num_tokens if mask is None else ops.sum(ops.cast(mask, "int32"))
             )
 
-        logits = ops.matmul(tokens, self.kernel)
-        if self.use_bias:
-            logits = logits + self.bias
+        logits = self.linear_logits(tokens)
         scores = ops.softmax(logits, axis=-1)  # (N, E)
 
         # Expert e's choice: its tokens by decreasing score. `order[e, i]`
@@ -172,63 +169,29 @@ class ExpertChoiceRouter(keras.layers.Layer):
         )
 
         z_loss = balancing.router_z_loss(logits, mask=mask)
-        if training and self.z_loss_weight:
-            self.add_loss(self.z_loss_weight * z_loss)
+        self.add_weighted_losses(
+            {"z_loss": z_loss}, training, {"z_loss": self.z_loss_weight}
+        )
 
         lead = tuple(shape[:-1])
 
         def unflatten(x):
             return ops.reshape(x, lead + (e,))
 
-        return {
-            "expert_index": unflatten(expert_index),
-            "combine_weights": unflatten(combine_weights),
-            "keep": unflatten(keep),
-            "position": unflatten(position),
-            "probs": unflatten(scores),
-            "logits": unflatten(logits),
-            "load_balance_loss": ops.zeros((), dtype="float32"),
-            "z_loss": z_loss,
-        }
-
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        per_expert = input_shape[:-1] + (self.num_experts,)
-        return {
-            "expert_index": per_expert,
-            "combine_weights": per_expert,
-            "keep": per_expert,
-            "position": per_expert,
-            "probs": per_expert,
-            "logits": per_expert,
-            "load_balance_loss": (),
-            "z_loss": (),
-        }
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(self, inputs, training=None, capacity=None, mask=None):
-        return routing_output_spec(
-            self.compute_output_shape(inputs.shape), self.compute_dtype
+        return RoutingResult(
+            expert_index=unflatten(expert_index),
+            combine_weights=unflatten(combine_weights),
+            keep=unflatten(keep),
+            position=unflatten(position),
+            probs=unflatten(scores),
+            logits=unflatten(logits),
+            load_balance_loss=ops.zeros((), dtype="float32"),
+            z_loss=z_loss,
         )
-
-    def pruned_config(self, kept):
-        """This router's config for the experts `kept` only (a sorted list of
-        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
-        return _pruning.router_config(self, kept)
-
-    def copy_pruned_weights(self, source, kept):
-        """Copies `source`'s weights into this pruned router, keeping the
-        columns of the kernel and bias of the `kept` experts (see
-        `keras_moe.compression.prune_experts`)."""
-        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_experts=self.num_experts,
-            k=self.k,
             use_bias=self.use_bias,
             z_loss_weight=self.z_loss_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),

@@ -1,69 +1,22 @@
-"""Routers: who sends which token to which expert.
-
-The router contract (what `SparseMoE(router=...)` accepts) is small, so that
-token-choice, expert-choice, hashing, balanced-assignment or task routers all
-plug into the same dispatch:
-
-- A Keras layer with the attributes `num_experts` (`E`) and `k` (choices per
-  token; for routers that choose their own assignment, the average number
-  of experts per token used to size the capacity).
-- `call(tokens, training=None)` on `(N, d)` tokens, plus a
-  `routing_inputs=` argument for routers that route on ids (one per token),
-  plus a `capacity=` argument if the class attribute `assigns_positions` is
-  `True`, plus an optional `mask=` argument, `(N,)` bool: the tokens that
-  count (padding is False). A router that takes it leaves masked tokens out
-  of its losses, statistics and, if it places tokens itself, its choices;
-  the layer drops masked tokens' pairs in any case.
-- It returns a dict with at least `expert_index` `(N, k')` int32,
-  `combine_weights` `(N, k')` and `probs` `(N, E)` (the router's
-  distribution, used for statistics); optionally `priority` `(N,)` (tokens
-  with higher priority are placed first when an expert overflows),
-  `position` and `keep` `(N, k')` (the router placed the pairs itself; then
-  `keep` marks the pairs it selected), and unweighted losses such as
-  `load_balance_loss` and `z_loss`.
-- It adds its weighted auxiliary losses itself with `add_loss` in training.
-"""
-
-import inspect
+"""Token-choice top-k routing: noisy top-k, Switch, V-MoE, DeepSeek-V3."""
 
 import keras
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
+from keras_moe.layers.routers.base import (
+    Router,
+    RoutingResult,
+    default_router_initializer,
+)
 from keras_moe.ops import balancing, dispatching, selection
-
-
-_ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
-
-
-def accepts_mask(router):
-    """Whether a router's `call` takes the `mask=` argument."""
-    return "mask" in inspect.signature(router.call).parameters
-
-
-def routing_output_spec(shapes, float_dtype):
-    """`KerasTensor`s for a routing dict of `shapes`: int32 indices and
-    positions, a bool `keep`, everything else `float_dtype`."""
-    return {
-        name: keras.KerasTensor(shape, dtype=_ROUTING_DTYPES.get(name, float_dtype))
-        for name, shape in shapes.items()
-    }
-
-
-def default_router_initializer():
-    """Switch Transformer's router init: truncated normal, 0.1 x LeCun scale."""
-    return keras.initializers.VarianceScaling(
-        scale=0.1, mode="fan_in", distribution="truncated_normal"
-    )
-
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 INPUT_NORMS = ("rms",)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class TopKRouter(keras.layers.Layer):
+class TopKRouter(Router):
     """Token-choice top-k router: noisy top-k, Switch, V-MoE and DeepSeek-V3
     routing and every balancing method for them, behind one layer.
 
@@ -148,7 +101,7 @@ class TopKRouter(keras.layers.Layer):
             drops their pairs) but add nothing to any loss or bias update.
 
     Returns:
-        A dict with `expert_index` `(..., k)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., k)` int32, `combine_weights`
         `(..., k)`, `probs` `(..., E)` (the scores normalised to sum to 1),
         `logits` `(..., E)`, `priority` `(...)` (top-1 score, only with
         `batch_prioritized`) and the scalar unweighted losses
@@ -173,6 +126,8 @@ class TopKRouter(keras.layers.Layer):
         Mixture-of-Experts (2024); DeepSeek-AI, DeepSeek-V3 (2024).
     """
 
+    routing_fields = ("logits", "load_balance_loss", "importance_loss", "z_loss")
+
     def __init__(
         self,
         num_experts,
@@ -196,11 +151,7 @@ class TopKRouter(keras.layers.Layer):
         learned_input_scale=False,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.k = check.k_for_experts(k, self.num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         self.score_function = check.one_of(
             "score_function", score_function, SCORE_FUNCTIONS
         )
@@ -248,16 +199,8 @@ class TopKRouter(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         d, e = input_shape[-1], self.num_experts
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(d, e),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
-        self.bias = (
-            self.add_weight(name="bias", shape=(e,), initializer="zeros")
-            if self.use_bias
-            else None
+        self.add_router_kernel(
+            d, self.kernel_initializer, self.kernel_regularizer, self.use_bias
         )
         # Shazeer et al. initialise the noise projection to zero.
         self.noise_kernel = (
@@ -299,9 +242,7 @@ class TopKRouter(keras.layers.Layer):
     def compute_logits(self, inputs, training=False):
         """Returns `(clean logits, noisy logits or None, noise std or None)`."""
         x = self.router_inputs(inputs)
-        logits = ops.matmul(x, self.kernel)
-        if self.use_bias:
-            logits = logits + self.bias
+        logits = self.linear_logits(x)
         if not (self.noisy_gating and training):
             return logits, None, None
         noise_std = ops.softplus(ops.matmul(x, self.noise_kernel)) + 1e-6
@@ -359,15 +300,17 @@ class TopKRouter(keras.layers.Layer):
                     mask=mask,
                 )
             )
+        self.add_weighted_losses(
+            losses,
+            training,
+            {
+                "load_balance_loss": self.load_balance_weight,
+                "importance_loss": self.importance_weight,
+                "load_loss": self.load_weight,
+                "z_loss": self.z_loss_weight,
+            },
+        )
         if training:
-            for name, weight in (
-                ("load_balance_loss", self.load_balance_weight),
-                ("importance_loss", self.importance_weight),
-                ("load_loss", self.load_weight),
-                ("z_loss", self.z_loss_weight),
-            ):
-                if weight and name in losses:
-                    self.add_loss(weight * losses[name])
             if self.selection_bias is not None:
                 load = ops.mean(
                     balancing.masked_mean(
@@ -377,58 +320,28 @@ class TopKRouter(keras.layers.Layer):
                 )
                 step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
                 self.selection_bias.assign(self.selection_bias + step)
-        routing = {
-            "expert_index": expert_index,
-            "combine_weights": top,
-            "probs": probs,
-            "logits": logits,
+        routing = RoutingResult(
+            expert_index=expert_index,
+            combine_weights=top,
+            probs=probs,
+            logits=logits,
             **losses,
-        }
+        )
         if self.batch_prioritized:
             routing["priority"] = ops.max(scores, axis=-1)
         return routing
 
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        lead = input_shape[:-1]
-        shapes = {
-            "expert_index": lead + (self.k,),
-            "combine_weights": lead + (self.k,),
-            "probs": lead + (self.num_experts,),
-            "logits": lead + (self.num_experts,),
-            "load_balance_loss": (),
-            "importance_loss": (),
-            "z_loss": (),
-        }
+    def routing_shapes(self, lead, training=None):
+        shapes = super().routing_shapes(lead, training=training)
         if self.batch_prioritized:
-            shapes["priority"] = lead
-        return shapes
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(self, inputs, training=None, mask=None):
-        shapes = self.compute_output_shape(inputs.shape)
+            shapes["priority"] = tuple(lead)
         if self.noisy_gating and training:
             shapes["load_loss"] = ()
-        return routing_output_spec(shapes, self.compute_dtype)
-
-    def pruned_config(self, kept):
-        """This router's config for the experts `kept` only (a sorted list of
-        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
-        return _pruning.router_config(self, kept)
-
-    def copy_pruned_weights(self, source, kept):
-        """Copies `source`'s weights into this pruned router, keeping the
-        columns of the kernel, noise kernel, bias and selection bias of the `kept` experts (see
-        `keras_moe.compression.prune_experts`)."""
-        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
+        return shapes
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_experts=self.num_experts,
-            k=self.k,
             score_function=self.score_function,
             noisy_gating=self.noisy_gating,
             renormalize=self.renormalize,

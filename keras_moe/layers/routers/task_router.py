@@ -4,15 +4,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import routing_output_spec
+from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class TaskRouter(keras.layers.Layer):
+class TaskRouter(Router):
     """Task-MoE router: a learned expert choice per task, not per token.
 
     Task-level MoE (Kudugunta et al. 2021) routes on the task (e.g. the
@@ -57,7 +56,7 @@ class TaskRouter(keras.layers.Layer):
             load-balancing loss.
 
     Returns:
-        A dict with `expert_index` `(..., k)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., k)` int32, `combine_weights`
         `(..., k)`, `probs` `(..., E)`, `logits` `(..., E)` and the scalar
         unweighted `load_balance_loss`.
 
@@ -77,6 +76,9 @@ class TaskRouter(keras.layers.Layer):
         for Efficient Inference (Findings of EMNLP 2021).
     """
 
+    needs_routing_inputs = True
+    routing_fields = ("logits", "load_balance_loss")
+
     def __init__(
         self,
         num_experts,
@@ -86,12 +88,8 @@ class TaskRouter(keras.layers.Layer):
         kernel_initializer=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        super().__init__(num_experts, k=k, **kwargs)
         self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.k = check.k_for_experts(k, self.num_experts)
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
@@ -156,15 +154,17 @@ class TaskRouter(keras.layers.Layer):
             self.num_experts,
             mask=mask,
         )
-        if training and self.load_balance_weight:
-            self.add_loss(self.load_balance_weight * balance)
-        return {
-            "expert_index": expert_index,
-            "combine_weights": combine_weights,
-            "probs": token_probs,
-            "logits": token_logits,
-            "load_balance_loss": balance,
-        }
+        routing = RoutingResult(
+            expert_index=expert_index,
+            combine_weights=combine_weights,
+            probs=token_probs,
+            logits=token_logits,
+            load_balance_loss=balance,
+        )
+        self.add_weighted_losses(
+            routing, training, {"load_balance_loss": self.load_balance_weight}
+        )
+        return routing
 
     def task_experts(self, task_id=None):
         """The experts of task `task_id`, `(k,)` int32 NumPy, best first (or
@@ -188,44 +188,10 @@ class TaskRouter(keras.layers.Layer):
             )
         return index[int(task_id)]
 
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        lead = input_shape[:-1]
-        return {
-            "expert_index": lead + (self.k,),
-            "combine_weights": lead + (self.k,),
-            "probs": lead + (self.num_experts,),
-            "logits": lead + (self.num_experts,),
-            "load_balance_loss": (),
-        }
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(
-        self, inputs, routing_inputs=None, training=None, mask=None
-    ):
-        _routing_ids.require_ids(self, inputs, routing_inputs)
-        shapes = self.compute_output_shape(inputs.shape)
-        return routing_output_spec(shapes, self.compute_dtype)
-
-    def pruned_config(self, kept):
-        """This router's config for the experts `kept` only (a sorted list of
-        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
-        return _pruning.router_config(self, kept)
-
-    def copy_pruned_weights(self, source, kept):
-        """Copies `source`'s weights into this pruned router, keeping the
-        columns of the task logit table of the `kept` experts (see
-        `keras_moe.compression.prune_experts`)."""
-        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
-
     def get_config(self):
         config = super().get_config()
         config.update(
-            num_experts=self.num_experts,
             num_tasks=self.num_tasks,
-            k=self.k,
             load_balance_weight=self.load_balance_weight,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )

@@ -3,9 +3,12 @@
 import keras
 from keras import ops
 
-from keras_moe.layers import _pruning
 from keras_moe.layers import _validation as check
-from keras_moe.layers.routers import default_router_initializer, routing_output_spec
+from keras_moe.layers.routers.base import (
+    Router,
+    RoutingResult,
+    default_router_initializer,
+)
 from keras_moe.ops import dispatching
 
 
@@ -117,7 +120,7 @@ def capacity_constrained_assignment(scores, capacity, max_rounds, mask=None):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class BalancedAssignmentRouter(keras.layers.Layer):
+class BalancedAssignmentRouter(Router):
     """BASE-layer router: in training, a balanced assignment of tokens.
 
     BASE layers (Lewis et al. 2021) give every token exactly one expert
@@ -174,7 +177,7 @@ class BalancedAssignmentRouter(keras.layers.Layer):
             tokens get expert 0 and take no room).
 
     Returns:
-        A dict with `expert_index` `(..., 1)` int32, `combine_weights`
+        A `RoutingResult` with `expert_index` `(..., 1)` int32, `combine_weights`
         `(..., 1)`, `probs` `(..., E)` and `logits` `(..., E)` (the
         affinities).
 
@@ -193,6 +196,8 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         Cuturi. Sinkhorn Distances (NeurIPS 2013).
     """
 
+    routing_fields = ("logits",)
+
     def __init__(
         self,
         num_experts,
@@ -201,11 +206,8 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         kernel_initializer=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.k = 1
+        # One expert per token: k is fixed, not an argument.
+        super().__init__(num_experts, k=1, **kwargs)
         self.num_iterations = check.non_negative_int("num_iterations", num_iterations)
         temperature = check.non_negative_float("temperature", temperature)
         if temperature == 0:
@@ -221,11 +223,7 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         if self.built:
             return
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_shape[-1], self.num_experts),
-            initializer=self.kernel_initializer,
-        )
+        self.add_router_kernel(input_shape[-1], self.kernel_initializer)
 
     def balanced_assignment(self, affinities, mask=None):
         """`(N, E)` affinities -> `(N,)` int32 balanced experts; with a
@@ -247,7 +245,7 @@ class BalancedAssignmentRouter(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         shape = ops.shape(inputs)
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
-        affinities = ops.matmul(tokens, self.kernel)  # (N, E)
+        affinities = self.linear_logits(tokens)  # (N, E)
         if training:
             if mask is not None:
                 mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
@@ -257,48 +255,19 @@ class BalancedAssignmentRouter(keras.layers.Layer):
         expert_index = expert[:, None]
         chosen = ops.take_along_axis(affinities, expert_index, axis=-1)
         lead = tuple(shape[:-1])
-        return {
-            "expert_index": ops.reshape(expert_index, lead + (1,)),
-            "combine_weights": ops.reshape(ops.sigmoid(chosen), lead + (1,)),
-            "probs": ops.reshape(
+        return RoutingResult(
+            expert_index=ops.reshape(expert_index, lead + (1,)),
+            combine_weights=ops.reshape(ops.sigmoid(chosen), lead + (1,)),
+            probs=ops.reshape(
                 ops.softmax(affinities, axis=-1), lead + (self.num_experts,)
             ),
-            "logits": ops.reshape(affinities, lead + (self.num_experts,)),
-        }
-
-    def compute_output_shape(self, input_shape):
-        input_shape = check.token_input_shape(type(self).__name__, input_shape)
-        lead = input_shape[:-1]
-        return {
-            "expert_index": lead + (1,),
-            "combine_weights": lead + (1,),
-            "probs": lead + (self.num_experts,),
-            "logits": lead + (self.num_experts,),
-        }
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None  # the routing dict carries no Keras mask
-
-    def compute_output_spec(self, inputs, training=None, mask=None):
-        return routing_output_spec(
-            self.compute_output_shape(inputs.shape), self.compute_dtype
+            logits=ops.reshape(affinities, lead + (self.num_experts,)),
         )
-
-    def pruned_config(self, kept):
-        """This router's config for the experts `kept` only (a sorted list of
-        old indices): `num_experts = len(kept)`, `k = min(k, len(kept))`."""
-        return _pruning.router_config(self, kept)
-
-    def copy_pruned_weights(self, source, kept):
-        """Copies `source`'s weights into this pruned router, keeping the
-        kernel columns (expert embeddings) of the `kept` experts (see
-        `keras_moe.compression.prune_experts`)."""
-        _pruning.copy_sliced(self, source, {source.num_experts: list(kept)})
 
     def get_config(self):
         config = super().get_config()
+        del config["k"]  # always 1, not an argument
         config.update(
-            num_experts=self.num_experts,
             num_iterations=self.num_iterations,
             temperature=self.temperature,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers.moe import SparseMoE
-from keras_moe.layers.task_router import TaskRouter
+from keras_moe.layers import SparseMoE
+from keras_moe.layers.routers.task_router import TaskRouter
 from keras_moe.testing import assert_all_finite, check_config_round_trip
 from tests.conftest import xla_only
 
