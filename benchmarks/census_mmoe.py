@@ -1,16 +1,18 @@
-"""
-Title: Multi-gate Mixture-of-Experts on the census-income data
-Description: The census-income experiment of the MMoE paper (Ma et al., KDD
-2018, task group 1): predict income > 50K and "never married" from the same
-person, with single-task MLPs, a shared-bottom network, MMoE with dense and
-with sparse top-2 gates, and PLE, and compare their test AUCs.
+"""The census-income experiment of the MMoE paper: five models, several seeds.
 
-Run it (any backend):
+The experiment of Ma et al. (KDD 2018, task group 1): predict income > 50K
+and "never married" from the same person, with single-task MLPs, a
+shared-bottom network, MMoE with dense and with sparse top-2 gates, and PLE,
+and compare their test AUCs (mean and spread over seeds). The measured
+numbers are in docs/census.md. `examples/census_mmoe.py` is the example to
+read: one MMoE, one run, top to bottom, on the same data and features.
 
-    python examples/census_mmoe.py                       # all 5 models, 3 seeds
-    python examples/census_mmoe.py --models mmoe,ple --seeds 1
-    python examples/census_mmoe.py --rows 3000 --epochs 1 --seeds 1   # smoke test
-    KERAS_BACKEND=jax python examples/census_mmoe.py --data path/to/census.csv.gz
+Run it (any backend, from the project root):
+
+    python benchmarks/census_mmoe.py                       # all 5 models, 3 seeds
+    python benchmarks/census_mmoe.py --models mmoe,ple --seeds 1
+    python benchmarks/census_mmoe.py --rows 3000 --epochs 1 --seeds 1   # smoke test
+    KERAS_BACKEND=jax python benchmarks/census_mmoe.py --data path/to/census.csv.gz
 
 ## The data
 
@@ -582,7 +584,7 @@ def parse_args(argv=None):
         if path is not None and not os.path.exists(path):
             parser.error(
                 f"the census file {os.path.normpath(path)} does not exist. This "
-                "example reads the UCI census-income (KDD) table as a CSV (plain or "
+                "runner reads the UCI census-income (KDD) table as a CSV (plain or "
                 "gzipped); the default is ../shared/data/census_income_kdd.csv.gz "
                 f"relative to the project root. Pass its location with {flag} PATH."
             )

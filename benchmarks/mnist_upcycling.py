@@ -1,19 +1,19 @@
-"""
-Title: Sparse upcycling: from a trained dense model to a Mixture-of-Experts
-Author: keras_moe contributors
-Date created: 2026/12/05
-Last modified: 2026/12/05
-Description: Train a small dense model on MNIST rows, turn its feed-forward
-block into a `SparseMoE` whose experts start as copies of it
-(`keras_moe.upcycling.upcycle`), continue training, and compare with
-continuing the dense model for the same number of steps.
-Accelerator: None (CPU, a few minutes)
+"""Sparse upcycling against continued dense training on MNIST rows, one seed a run.
 
-Run it (any backend):
+Trains a small dense model on MNIST rows, turns its feed-forward block into
+a `SparseMoE` whose experts start as copies of it
+(`keras_moe.upcycling.upcycle`), continues training, and compares with
+continuing the dense model for the same number of steps
+(`--dense-extra-epochs`: for the same compute time). Prints a Markdown
+table and one `RESULT` line per model; docs/porting.md has the measured
+tables (`--seed 0`, `1`, `2`). `examples/mnist_upcycling.py` is the example
+to read: the same steps, one run, top to bottom.
 
-    python examples/mnist_upcycling.py                  # shipped 5,000-image sample
-    python examples/mnist_upcycling.py --data ../shared/data/mnist_small.npz
-    KERAS_BACKEND=jax python examples/mnist_upcycling.py --extra-epochs 5
+Run it (any backend, from the project root):
+
+    python benchmarks/mnist_upcycling.py                  # shipped 5,000-image sample
+    python benchmarks/mnist_upcycling.py --data ../shared/data/mnist_small.npz
+    KERAS_BACKEND=jax python benchmarks/mnist_upcycling.py --extra-epochs 5
 
 ## The idea
 
@@ -42,7 +42,8 @@ import numpy as np
 from keras_moe.upcycling import upcycle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLE = os.path.join(HERE, "data", "mnist_sample.npz")
+ROOT = os.path.dirname(HERE)
+SAMPLE = os.path.join(ROOT, "examples", "data", "mnist_sample.npz")
 
 
 def load_data(source):
@@ -91,8 +92,8 @@ def accuracy(model, x, y):
     return float((probs.argmax(-1) == y).mean())
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=SAMPLE,
                         help="an .npz with x_train/y_train/x_test/y_test, or 'keras'")
     parser.add_argument("--epochs", type=int, default=3, help="dense training")
@@ -108,7 +109,7 @@ def main():
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="where to write results.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     keras.utils.set_random_seed(args.seed)
 
     (x_train, y_train), (x_test, y_test) = load_data(args.data)

@@ -1,16 +1,18 @@
-"""
-Title: A mixture of small CNN experts on MNIST, three ways to integrate them
-Description: MixtureOfExperts with Keras models as experts: top-1 and top-2
-routing with real sparse compute, the weighted-sum, max and attention
-integration strategies compared, a per-digit routing table, and a `.keras`
-save/reload check.
+"""Small CNN experts on MNIST: top-1 routing and three integration strategies compared.
 
-Run it (any backend):
+`MixtureOfExperts` with Keras models as experts: top-1 and top-2 routing
+with real sparse compute, the weighted-sum, max and attention integration
+strategies trained from the same initial weights and compared (test
+accuracy, expert load, time), the per-digit routing table of the best
+model, and a `.keras` save/reload check. `examples/mnist_experts.py` is the
+example to read: one mixture, one run, top to bottom.
 
-    python examples/mnist_experts.py                    # 10,000 images if ../shared/data exists
-    python examples/mnist_experts.py --data examples/data/mnist_sample.npz
-    python examples/mnist_experts.py --data keras       # full keras.datasets.mnist
-    KERAS_BACKEND=jax python examples/mnist_experts.py --epochs 5
+Run it (any backend, from the project root):
+
+    python benchmarks/mnist_experts.py                    # 10,000 images if ../shared/data exists
+    python benchmarks/mnist_experts.py --data examples/data/mnist_sample.npz
+    python benchmarks/mnist_experts.py --data keras       # full keras.datasets.mnist
+    KERAS_BACKEND=jax python benchmarks/mnist_experts.py --epochs 5
 
 ## The model
 
@@ -61,7 +63,7 @@ from keras_moe.layers import MixtureOfExperts
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SHARED = os.path.join(ROOT, "..", "shared", "data", "mnist_small.npz")
-SAMPLE = os.path.join(HERE, "data", "mnist_sample.npz")
+SAMPLE = os.path.join(ROOT, "examples", "data", "mnist_sample.npz")
 DEFAULT_DATA = SHARED if os.path.exists(SHARED) else SAMPLE
 STRATEGIES = ("weighted_sum", "max", "attention")
 # Evaluation batch: divides both test sets (2,000 and 1,000 images), so that
@@ -126,7 +128,7 @@ def routing_on(model, x, batch_size=EVAL_BATCH):
     return np.concatenate(index)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="an .npz with x_train/y_train/x_test/y_test, or 'keras' "
@@ -145,7 +147,7 @@ def main():
                         help="use only the first N test images (smoke tests)")
     parser.add_argument("--output-dir", default="runs/mnist_experts")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     (x_train, y_train), (x_test, y_test) = load_data(args.data)
     x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]

@@ -1,16 +1,22 @@
-"""
-Title: Classify and localise CIFAR-10 objects with a multi-task Mixture-of-Experts
-Description: A CNN backbone, a sparse MoE over its spatial tokens and a
-multi-gate MoE (MMoE) that feeds a class head and a box head; trained
-with `model.fit` on a dict of targets, saved to `.keras` and exported as a
-TensorFlow SavedModel.
+"""The CIFAR-10 multi-task MoE experiments: every variant the docs measure.
 
-Run it (any backend; TensorFlow is the fastest on CPU):
+The model of the example `examples/cifar_multitask.py` (a CNN backbone, a
+sparse MoE over its spatial tokens and a multi-gate MoE (MMoE) feeding a
+class head and a box head), with a flag for each experiment of
+docs/cifar_multitask.md: the full 10,000-image run, its dense twin of the
+same active compute (`--baseline`), sparse MMoE gates (`--task-k`), shared
+experts, dropless training, other widths and sizes. One seed a run
+(`--seed S`); it ends with one `RESULT` line to collect across seeds. The
+example is the one to read (the quickstart, top to bottom); this runner
+is the one to measure with, and other benchmarks import its functions
+(`benchmarks/cifar_compression.py`).
 
-    python examples/cifar_multitask.py     # the shipped 4,000-image sample, ~3 minutes
-    python examples/cifar_multitask.py --data ../shared/data/cifar10_small.npz \
+Run it (any backend, from the project root; TensorFlow is the fastest on CPU):
+
+    python benchmarks/cifar_multitask.py     # the quickstart's recipe, ~3 minutes
+    python benchmarks/cifar_multitask.py --data ../shared/data/cifar10_small.npz \
         --epochs 20 --width 1.0 --batch-size 128 --box-weight 2   # the full run
-    python examples/cifar_multitask.py --baseline  # dense model, same active compute
+    python benchmarks/cifar_multitask.py --baseline  # dense model, same active compute
 
 (`../shared/data` is a folder next to the project directory that holds
 the larger data sets; pass any `.npz` with `x_train, y_train, x_test,
@@ -72,7 +78,7 @@ import os
 import time
 
 # TensorFlow's C++ log lines (oneDNN notices, CPU features, a harmless
-# oneDNN "E" line about int32) say nothing about this example: hide them
+# oneDNN "E" line about int32) say nothing about this script: hide them
 # unless the user chose a log level (real errors still raise Python
 # exceptions). TensorFlow 2.21
 # writes its oneDNN notice while its libraries load, before that setting
@@ -105,10 +111,11 @@ from keras_moe.layers import (  # noqa: E402
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLE = os.path.join(HERE, "data", "cifar10_sample.npz")
+ROOT = os.path.dirname(HERE)
+SAMPLE = os.path.join(ROOT, "examples", "data", "cifar10_sample.npz")
 CANVAS = 64
 TASKS = ("class", "box")
-# The quickstart's recipe (python examples/cifar_multitask.py with no flags):
+# The quickstart's recipe (python benchmarks/cifar_multitask.py with no flags):
 # a 0.75-wide backbone, batch 64, box loss weight 1, 12 epochs of the
 # 4,000-image sample: 0.4+ test accuracy in about 3 minutes on 2 cores
 # (docs/cifar_multitask.md). Until 2026-12-04 the defaults were width 1.0,
@@ -457,7 +464,7 @@ def explain_routing_numbers(task_experts):
     )
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data", default="sample",
                         help="'sample' (default: examples/data/cifar10_sample.npz, "
@@ -505,7 +512,9 @@ def main():
                              "progress bar with every metric instead; 2: Keras' "
                              "line per epoch with every metric")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--no-export", action="store_true",
+                        help="skip the SavedModel export and its serving check")
+    args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test), names = load_cifar(args.data)
@@ -579,8 +588,9 @@ def main():
     diff = max(float(np.max(np.abs(again[t] - predictions[t]))) for t in TASKS)
     print(f"\nSaved {path}; reloaded model max |difference| = {diff:.2e}")
     assert diff < 1e-4, diff
-    export_dir = os.path.join(args.output_dir, "saved_model")
-    export_and_check(model, export_dir, test_images[:64])
+    if not args.no_export:
+        export_and_check(model, os.path.join(args.output_dir, "saved_model"),
+                         test_images[:64])
 
     what = ("a dense CNN with two task towers (--baseline)" if args.baseline else
             f"a CNN, a sparse MoE over its 64 tokens ({args.experts} experts, top-{args.k})"
@@ -594,15 +604,16 @@ def main():
     print(f"Test box IoU  {iou.mean():.3f}  (overlap of predicted and true box, "
           f"1 = perfect; {np.mean(iou >= 0.5):.0%} >= 0.5)")
     print(f"Files in {args.output_dir}/:\n  model.keras   the trained model "
-          "(keras.saving.load_model)\n  saved_model/  TensorFlow SavedModel for "
-          "serving")
+          "(keras.saving.load_model)" + ("" if args.no_export else
+                                         "\n  saved_model/  TensorFlow SavedModel for serving"))
     if monitor is not None and os.path.isdir(plot_dir):
         print(f"  routing plots (expert load, drops, class/task x expert) in {plot_dir}/")
     print("Next:\n  the full run (10,000 images; about 0.68 accuracy, 0.96 IoU; 11-17 min on\n"
           "  2 idle cores, about twice that on a busy machine):\n"
-          "    python examples/cifar_multitask.py --data ../shared/data/cifar10_small.npz "
+          "    python benchmarks/cifar_multitask.py --data ../shared/data/cifar10_small.npz "
           "\\\n        --epochs 20 --width 1.0 --batch-size 128 --box-weight 2\n"
           "  the dense twin with the same compute: add --baseline\n"
+          "  the example, read top to bottom: examples/cifar_multitask.py\n"
           "  the walk-through: docs/cifar_multitask.md")
     print("=" * 72)
     print(f"\nRESULT model={model.name} accuracy={accuracy:.4f} mean_iou={iou.mean():.4f} "
