@@ -60,6 +60,58 @@ def test_mnist_sparse_moe(tmp_path):
     assert (tmp_path / "model.keras").exists()
 
 
+def test_cifar_multitask(tmp_path):
+    """The README's main demo, tiny: the shipped CIFAR sample, one epoch, a
+    quarter-width backbone; fit, metrics, routing tables, .keras reload and
+    SavedModel export with a serving check. Its model is the runner's."""
+    out = run_example("cifar_multitask.py", "--data", "examples/data/cifar10_sample.npz",
+                      "--epochs", "1", "--train-size", "256", "--test-size", "64",
+                      "--width", "0.25", "--output-dir", str(tmp_path))
+    assert "Test accuracy" in out and "Test mean IoU" in out
+    assert "MMoE gate usage per task" in out
+    assert "Token MoE routing by class" in out
+    assert "reloaded model max |difference|" in out
+    assert "serving max |difference|" in out
+    assert "RESULT model=cifar_multitask_moe" in out
+    assert (tmp_path / "model.keras").exists()
+    same = runner("cifar_multitask").build_model(width=0.25)
+    assert f"cifar_multitask_moe: {same.count_params():,} parameters" in out
+
+
+def test_census_mmoe():
+    """The census MMoE, tiny: 3,000 rows, one epoch. Its model is the
+    runner's `mmoe`."""
+    needs_census()
+    out = run_example("census_mmoe.py", "--rows", "3000", "--epochs", "1",
+                      "--batch-size", "4096")
+    assert "Test AUC income" in out and "Test AUC never_married" in out
+    assert "Expert usage on the test set" in out
+    census = runner("census_mmoe")
+    args = census.parse_args(["--rows", "3000"])
+    _, pre = census.load_splits(args)
+    same = census.build_models("mmoe", pre.vocabulary_size, args)[0][0]
+    assert f"mmoe: {same.count_params():,} parameters" in out
+
+
+def test_mnist_experts(tmp_path):
+    """One mixture, tiny; its model is the runner's top-2 weighted sum."""
+    out = run_example("mnist_experts.py", "--epochs", "1", "--train-size", "200",
+                      "--test-size", "500", "--output-dir", str(tmp_path))
+    assert "Test accuracy" in out and "Routing by digit" in out
+    assert "reloaded model max |difference|" in out
+    assert (tmp_path / "model.keras").exists()
+    same = runner("mnist_experts").build_model(4, 2, "weighted_sum")
+    assert f"mnist_experts_weighted_sum: {same.count_params():,} parameters" in out
+
+
+def test_mnist_upcycling():
+    out = run_example("mnist_upcycling.py", "--epochs", "1", "--extra-epochs", "1",
+                      "--train-size", "256")
+    difference = out.split("max |upcycled - dense| = ")[1].split()[0]
+    assert float(difference) < 1e-4  # the upcycled model starts as the dense one
+    assert "| dense |" in out and "| upcycled |" in out
+
+
 # -- the experiment runners in benchmarks/ ------------------------------------
 
 
