@@ -2,15 +2,16 @@
 """Compressing the CIFAR multi-task MoE: int8 experts, pruned experts and a
 distilled dense student, against the trained float model.
 
-    python examples/cifar_multitask.py --data ../shared/data/cifar10_small.npz --epochs 20 \\
+    python benchmarks/cifar_multitask.py --data ../shared/data/cifar10_small.npz --epochs 20 \\
         --width 1.0 --batch-size 128 --box-weight 2
     python benchmarks/cifar_compression.py --model runs/cifar_multitask/model.keras \\
         --data ../shared/data/cifar10_small.npz --epochs 20
 
 The first command trains the teacher (`runs/cifar_multitask/model.keras`);
-this script reads it and the same data (the example's own functions,
-imported from `examples/cifar_multitask.py`: the same canvases, the same
-fixed test set) and prints three Markdown tables:
+this script reads it and the same data (the runner's own functions,
+imported from `benchmarks/cifar_multitask.py`, the model of
+`examples/cifar_multitask.py`: the same canvases, the same fixed test set)
+and prints three Markdown tables:
 
 1. int8: the float model; its expert banks quantised to int8 with int8
    activations (Keras' default `model.quantize("int8")` config) and
@@ -61,12 +62,12 @@ from keras_moe.compression import (  # noqa: E402
 )
 from keras_moe.layers import Experts, default_compile_args  # noqa: E402
 
-EXAMPLE = os.path.join(HERE, "..", "examples", "cifar_multitask.py")
+EXAMPLE = os.path.join(HERE, "cifar_multitask.py")
 WEIGHT_ONLY = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
 
 def load_example():
-    """`examples/cifar_multitask.py` as a module (its data and model code)."""
+    """`benchmarks/cifar_multitask.py` as a module (its data and model code)."""
     spec = importlib.util.spec_from_file_location("cifar_multitask", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -142,7 +143,7 @@ def mb(n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default="runs/cifar_multitask/model.keras",
-                        help="the trained teacher, from examples/cifar_multitask.py")
+                        help="the trained teacher, from benchmarks/cifar_multitask.py")
     parser.add_argument("--data", default="sample",
                         help="the example's --data (an .npz, 'sample' or 'keras')")
     parser.add_argument("--epochs", type=int, default=20,
@@ -169,7 +170,7 @@ def main():
     if not os.path.exists(args.model):
         parser.error(
             f"{args.model} does not exist: train it first with python "
-            "examples/cifar_multitask.py --data ... --epochs 20"
+            "benchmarks/cifar_multitask.py --data ... --epochs 20"
         )
 
     example = load_example()

@@ -1,56 +1,34 @@
 """
-Title: A mixture of small CNN experts on MNIST, three ways to integrate them
-Description: MixtureOfExperts with Keras models as experts: top-1 and top-2
-routing with real sparse compute, the weighted-sum, max and attention
-integration strategies compared, a per-digit routing table, and a `.keras`
-save/reload check.
+Title: A mixture of small CNN experts on MNIST
+Author: keras_moe contributors
+Date created: 2026/11/23
+Last modified: 2026/12/05
+Description: `MixtureOfExperts` with whole Keras models as experts: a gate sends
+each digit to 2 of 4 small CNNs, which run only on the images sent to them.
+Accelerator: None
+"""
 
-Run it (any backend):
+"""
+## Introduction
 
-    python examples/mnist_experts.py                    # 10,000 images if ../shared/data exists
-    python examples/mnist_experts.py --data examples/data/mnist_sample.npz
-    python examples/mnist_experts.py --data keras       # full keras.datasets.mnist
-    KERAS_BACKEND=jax python examples/mnist_experts.py --epochs 5
+The classic mixture of experts (Jacobs et al. 1991) routes whole examples,
+not tokens: a gate scores the experts for each input and the chosen experts'
+outputs are combined. `MixtureOfExperts` takes any Keras layers or models
+as experts. With `k` set, the compute is sparse: the batch is dispatched into
+one buffer of `C = ceil(k B / E * 1.25)` images per expert, and each expert
+runs on its buffer only, not on the whole batch.
 
-## The model
+Here 4 small CNNs classify MNIST digits; a linear gate on the pixels sends
+each image to 2 of them. It runs in about a minute on a 2-core CPU with the
+sample shipped in `examples/data/`. `benchmarks/mnist_experts.py` compares
+top-1 routing and the three ways of combining the experts' outputs
+(`integration="weighted_sum"`, `"max"`, `"attention"`).
 
-`E = 4` experts, each a small CNN (`Conv-Pool-Conv-Pool-Dense`, ~60k
-weights) that maps a 28x28 digit to a 64-d feature vector. A linear gate on
-the flattened pixels scores the experts; `MixtureOfExperts` routes each image
-to its top-`k` experts and integrates their features, and a shared linear
-head classifies. With `k` set, the routing is real sparse compute: the batch
-is dispatched into one buffer of `C = ceil(k B / E * 1.25)` images per
-expert and each CNN runs on its buffer only, not on the whole batch.
-
-## What is compared
-
-- **Top-1 routing** (`k = 1`, Switch-style): each image goes through one
-  CNN, whose features are scaled by its gate probability. With one expert
-  per image, there is nothing to integrate: the weighted sum, the max and
-  the attention of one output are that output, so the three strategies are
-  the same function at `k = 1` and the script trains it once.
-- **The three integration strategies at top-`k`** (`--k`, default 2): the
-  gate weights' weighted sum of the selected experts' features; their
-  elementwise max (of the gate-weighted features, so that the task loss
-  trains the gate); and attention, where a query from the image scores each
-  selected expert's output (keys from the features) with the gate as a
-  prior.
-
-The table reports test accuracy, the expert load on the test set (share of
-routed image-choices per expert) and the training time; the per-digit
-routing table of the most accurate model shows which experts each digit
-uses. The load-balancing loss keeps all experts in use: with Switch's weight
-0.01 (tuned for thousands of tokens per batch), the top-1 gate here collapsed
-onto two of the four experts and dropped ~38% of the training images at
-capacity; `--balance-weight 0.1` (the default) keeps the four experts busy
-and drops ~2%, at the same test accuracy.
-Inference is dropless (`eval_capacity_factor=None`), so a prediction never
-depends on the other images of its batch.
+## Setup
 """
 
 import argparse
 import os
-import time
 
 import keras
 import numpy as np
@@ -58,153 +36,142 @@ import numpy as np
 from keras_moe.callbacks import RoutingMetrics
 from keras_moe.layers import MixtureOfExperts
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-SHARED = os.path.join(ROOT, "..", "shared", "data", "mnist_small.npz")
-SAMPLE = os.path.join(HERE, "data", "mnist_sample.npz")
-DEFAULT_DATA = SHARED if os.path.exists(SHARED) else SAMPLE
-STRATEGIES = ("weighted_sum", "max", "attention")
-# Evaluation batch: divides both test sets (2,000 and 1,000 images), so that
-# JAX and TensorFlow compile the evaluation step for one batch shape only.
-EVAL_BATCH = 250
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
+parser = argparse.ArgumentParser(description="A mixture of small CNN experts on MNIST")
+parser.add_argument("--data", default=SAMPLE,
+                    help="an .npz with x_train/y_train/x_test/y_test (default: the "
+                         "shipped sample), or 'keras' (keras.datasets.mnist)")
+parser.add_argument("--epochs", type=int, default=3)
+parser.add_argument("--integration", default="weighted_sum",
+                    choices=["weighted_sum", "max", "attention"])
+parser.add_argument("--train-size", type=int, default=None, help="first N training images")
+parser.add_argument("--test-size", type=int, default=None, help="first N test images")
+parser.add_argument("--output-dir", default="runs/mnist_experts")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+keras.utils.set_random_seed(args.seed)
 
+"""
+## The data
 
-def load_data(source):
-    """`(x_train, y_train), (x_test, y_test)` with uint8 images (N, 28, 28)."""
-    if source == "keras":
-        return keras.datasets.mnist.load_data()
-    with np.load(source) as data:
-        return (data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])
+28x28 uint8 images with their digit (the sample: 4,000 training and 1,000
+test images).
+"""
 
+if args.data == "keras":
+    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+else:
+    if not os.path.exists(args.data):
+        parser.error(f"--data {args.data}: no such file (an .npz with x_train, "
+                     "y_train, x_test, y_test, or 'keras')")
+    with np.load(args.data) as data:
+        (x_train, y_train) = data["x_train"], data["y_train"]
+        (x_test, y_test) = data["x_test"], data["y_test"]
+x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
+x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
+print(f"Keras {keras.__version__}, backend {keras.backend.backend()}; "
+      f"{len(x_train)} training and {len(x_test)} test images")
 
-def make_expert(index, features=64):
-    """A small CNN: (B, 28, 28, 1) -> (B, features)."""
-    return keras.Sequential(
+"""
+## The experts and the mixture
+
+Each expert is a `keras.Sequential` CNN (`Conv-Pool-Conv-Pool-Dense`, about
+60k weights) that maps a digit to 64 features. `MixtureOfExperts` scores
+the experts with a linear gate on the flattened input, keeps the top 2 for
+each image, runs each expert on the images sent to it, and combines their
+features (`integration`): the gate-weighted sum by default. A shared linear
+head classifies.
+
+The load-balancing loss keeps all experts in use. Switch's usual weight 0.01
+is tuned for thousands of tokens per batch; with 100 images per batch the
+gate collapsed onto two experts, so the weight is 0.1 here. Inference is
+dropless (`eval_capacity_factor=None`): no image is dropped, and a prediction
+never depends on the other images of its batch.
+"""
+
+experts = [
+    keras.Sequential(
         [
             keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
             keras.layers.MaxPooling2D(),
             keras.layers.Flatten(),
-            keras.layers.Dense(features, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
         ],
-        name=f"expert_{index}",
+        name=f"expert_{e}",
     )
+    for e in range(4)
+]
+inputs = keras.Input((28, 28), name="image")
+x = keras.layers.Rescaling(1 / 255.0)(inputs)
+x = keras.layers.Reshape((28, 28, 1))(x)
+x = MixtureOfExperts(
+    experts,
+    integration=args.integration,
+    k=2,
+    capacity_factor=1.25,
+    eval_capacity_factor=None,
+    load_balance_weight=0.1,
+    attention_dim=32,
+    name="moe",
+)(x)
+x = keras.layers.Dropout(0.2)(x)
+outputs = keras.layers.Dense(10, activation="softmax", name="digit")(x)
+model = keras.Model(inputs, outputs, name=f"mnist_experts_{args.integration}")
+model.compile(
+    optimizer=keras.optimizers.Adam(2e-3),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
+print(f"{model.name}: {model.count_params():,} parameters")
 
+"""
+## Training
 
-def build_model(num_experts, k, integration, load_balance_weight=0.1):
-    inputs = keras.Input((28, 28), name="image")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Reshape((28, 28, 1))(x)
-    moe = MixtureOfExperts(
-        [make_expert(e) for e in range(num_experts)],
-        integration=integration,
-        k=k,
-        capacity_factor=1.25,
-        eval_capacity_factor=None,  # dropless inference
-        load_balance_weight=load_balance_weight,
-        attention_dim=32,
-        name="moe",
-    )
-    x = moe(x)
-    x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(10, activation="softmax", name="digit")(x)
-    return keras.Model(inputs, outputs, name=f"mnist_experts_{integration}_k{k}")
+`RoutingMetrics` adds the mixture's routing numbers to `fit`'s logs: how
+evenly the experts are loaded, the share of images dropped for capacity in
+training, the balancing loss, the gate's entropy.
+"""
 
+model.fit(x_train, y_train, batch_size=100, epochs=args.epochs, verbose=2,
+          callbacks=[RoutingMetrics()])
+_, accuracy = model.evaluate(x_test, y_test, batch_size=250, verbose=0)
+print(f"Test accuracy: {accuracy:.4f}")
 
-def routing_on(model, x, batch_size=EVAL_BATCH):
-    """Every test image's selected experts, `(N, k)`, read with
-    `return_routing=True` on the mixture's inputs."""
-    moe = model.get_layer("moe")
-    features = keras.Model(model.input, moe.input).predict(
-        x, batch_size=batch_size, verbose=0
-    )
-    index = []
-    for start in range(0, len(x), batch_size):
-        _, routing = moe(features[start : start + batch_size], return_routing=True)
-        index.append(keras.ops.convert_to_numpy(routing["expert_index"]))
-    return np.concatenate(index)
+"""
+## Which experts each digit uses
 
+`return_routing=True` returns, with the output, the experts each image went
+to. Called on the mixture's input (from a model that stops there), it gives
+the load of each expert on the test set and a digit x expert table.
+"""
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data", default=DEFAULT_DATA,
-                        help="an .npz with x_train/y_train/x_test/y_test, or 'keras' "
-                             "(default: ../shared/data/mnist_small.npz relative to "
-                             "the repository if it exists, else the shipped sample)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--k", type=int, default=2,
-                        help="experts per image for the strategy comparison")
-    parser.add_argument("--balance-weight", type=float, default=0.1,
-                        help="weight of the load-balancing loss")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="use only the first N training images (smoke tests)")
-    parser.add_argument("--test-size", type=int, default=None,
-                        help="use only the first N test images (smoke tests)")
-    parser.add_argument("--output-dir", default="runs/mnist_experts")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+moe = model.get_layer("moe")
+features = keras.Model(model.input, moe.input).predict(x_test, batch_size=250, verbose=0)
+_, routing = moe(features, return_routing=True)
+chosen = keras.ops.convert_to_numpy(routing["expert_index"])
+load = np.bincount(chosen.ravel(), minlength=4) / chosen.size
+print("Expert load on the test set: " + " ".join(f"{v:.2f}" for v in load))
+print("\nRouting by digit (rows: digit, columns: expert, share of the digit's "
+      "routed image-choices in %):")
+print("digit " + " ".join(f"{e:>4d}" for e in range(4)))
+for digit in range(10):
+    counts = np.bincount(chosen[y_test == digit].ravel(), minlength=4)
+    print(f"{digit:>5d} " + " ".join(f"{100 * v:4.0f}" for v in counts / max(1, counts.sum())))
 
-    (x_train, y_train), (x_test, y_test) = load_data(args.data)
-    x_train, y_train = x_train[: args.train_size], y_train[: args.train_size]
-    x_test, y_test = x_test[: args.test_size], y_test[: args.test_size]
-    print(f"Keras {keras.__version__}, backend {keras.backend.backend()}; "
-          f"{len(x_train)} training and {len(x_test)} test images from {args.data}")
+"""
+## Save and reload
 
-    runs = [("top-1 (any strategy)", "weighted_sum", 1)] + [
-        (name, name, args.k) for name in STRATEGIES
-    ]
-    results = []
-    for label, integration, k in runs:
-        print(f"\n== {label}: integration={integration!r}, k={k} ==")
-        keras.utils.set_random_seed(args.seed)  # same experts and gate init
-        model = build_model(args.experts, k, integration, args.balance_weight)
-        model.compile(
-            optimizer=keras.optimizers.Adam(2e-3),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        start = time.time()
-        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-                  verbose=2, callbacks=[RoutingMetrics()])
-        seconds = time.time() - start
-        _, accuracy = model.evaluate(x_test, y_test, batch_size=EVAL_BATCH, verbose=0)
-        index = routing_on(model, x_test)
-        load = np.bincount(index.ravel(), minlength=args.experts) / index.size
-        results.append(dict(label=label, k=k, model=model, accuracy=accuracy,
-                            load=load, seconds=seconds, index=index))
+The experts and the gate are serialized with the layer, so the `.keras`
+file reloads with identical predictions.
+"""
 
-    print("\nTest accuracy, expert load on the test set (share of routed "
-          "image-choices) and training time:")
-    print(f"{'model':<22} {'k':>2} {'accuracy':>9}  {'expert load':<{6 * args.experts}} "
-          f"{'time':>6}")
-    for r in results:
-        loads = " ".join(f"{v:5.2f}" for v in r["load"])
-        print(f"{r['label']:<22} {r['k']:>2} {r['accuracy']:9.4f}  {loads:<{6 * args.experts}} "
-              f"{r['seconds']:5.0f}s")
-
-    best = max(results, key=lambda r: r["accuracy"])
-    print(f"\nRouting by digit for the most accurate model, {best['label']} "
-          f"(k={best['k']}); rows: digit, columns: expert, share of the digit's "
-          "routed image-choices in %:")
-    print("digit " + " ".join(f"{e:>4d}" for e in range(args.experts)))
-    for digit in range(10):
-        chosen = best["index"][y_test == digit].ravel()
-        share = np.bincount(chosen, minlength=args.experts) / max(chosen.size, 1)
-        print(f"{digit:>5d} " + " ".join(f"{100 * v:4.0f}" for v in share))
-
-    model = best["model"]
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "model.keras")
-    model.save(path)
-    reloaded = keras.saving.load_model(path)
-    diff = np.max(np.abs(reloaded.predict(x_test, batch_size=EVAL_BATCH, verbose=0)
-                         - model.predict(x_test, batch_size=EVAL_BATCH, verbose=0)))
-    print(f"\nSaved {path}; reloaded model max |difference| = {diff:.2e}")
-    assert diff < 1e-5, diff
-
-
-if __name__ == "__main__":
-    main()
+os.makedirs(args.output_dir, exist_ok=True)
+path = os.path.join(args.output_dir, "model.keras")
+model.save(path)
+reloaded = keras.saving.load_model(path)
+diff = np.max(np.abs(reloaded.predict(x_test, batch_size=250, verbose=0)
+                     - model.predict(x_test, batch_size=250, verbose=0)))
+print(f"\nSaved {path}; reloaded model max |difference| = {diff:.2e}")
+assert diff < 1e-5, diff
