@@ -23,7 +23,7 @@ with two binary tasks on the same people:
 
 This example trains one MMoE on them with `model.fit` on a dict of targets,
 measures each task's test AUC and prints each task's expert usage. It takes
-well under a minute on a 2-core CPU. `benchmarks/census_mmoe.py` runs the
+about a minute on a 2-core CPU. `benchmarks/census_mmoe.py` runs the
 paper's whole comparison (single-task networks, shared bottom, MMoE with
 dense and sparse gates, PLE; several seeds); its numbers are in
 `docs/census.md`.
