@@ -179,3 +179,19 @@ def mark_quantized(layer):
     `quantize`; Keras' own quantisable layers (`Dense`, `EinsumDense`) set
     it the same way in their quantised build."""
     layer._is_quantized = True
+
+
+def register_tree_node_class(cls):
+    """Makes `cls` (a class with `tree_flatten` / `tree_unflatten`) a node
+    of Keras' nested structures (`keras.tree`), not a leaf: what lets a
+    layer return a `dict` subclass (`RoutingResult`) from symbolic calls,
+    functional models and compiled steps. `keras.tree` has no public
+    registration function (Keras 3.15); this is the one Keras uses for its
+    own tracked containers. Registering twice (a reloaded module) is a
+    no-op."""
+    from keras.src import tree as keras_tree
+
+    try:
+        keras_tree.register_tree_node_class(cls)
+    except ValueError:  # already registered
+        pass

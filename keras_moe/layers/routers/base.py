@@ -14,8 +14,9 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.ops import balancing, selection
+from keras_moe.utils import keras_internals
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
 
@@ -127,12 +128,7 @@ def _register_routing_result():
     that layers may return it in symbolic calls, functional models and
     compiled steps. `keras.tree` has no public registration function (Keras
     3.15); this is the one Keras uses for its own tracked dicts."""
-    from keras.src import tree as keras_tree
-
-    try:
-        keras_tree.register_tree_node_class(RoutingResult)
-    except ValueError:  # already registered (the module was reloaded)
-        pass
+    keras_internals.register_tree_node_class(RoutingResult)
     if keras.backend.backend() == "jax":
         import jax
 

@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_moe.layers import _routing_ids
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
 

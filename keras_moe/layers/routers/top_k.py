@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_moe.layers import _validation as check
+from keras_moe.utils import validation as check
 from keras_moe.layers.routers.base import (
     Router,
     RoutingResult,
