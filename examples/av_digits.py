@@ -87,7 +87,7 @@ NUM_SPEAKERS = 6
 # The hard setting (chosen so that each modality alone scores about
 # 0.6-0.85 on the digit; measured values in docs/multimodal.md).
 HARD_IMAGE_ENERGY = 0.25  # share of the training images' variance kept
-HARD_AUDIO_SNR_DB = -8.0  # white noise over each recording's valid samples
+HARD_AUDIO_SNR_DB = -6.0  # white noise over each recording's valid samples
 TEST_SEED = 12345  # test pairs and test noise: drawn once
 
 # Training: batch size, peak learning rate (AdamW, cosine decay), and the
@@ -458,8 +458,14 @@ heads read the masked mean of each modality's tokens.
 
 
 def conv_bn(x, filters, kernel, strides, conv=layers.Conv2D):
+    # BatchNorm momentum 0.9, not Keras' 0.99: a run has a few hundred steps,
+    # and at 0.99 the moving variance still holds 0.99**312 = 4% of its
+    # initial 1 after 4 epochs, against a true variance of about 0.001 for
+    # the first image convolution: inference then sees activations 6x too
+    # small and predicts one class (measured: 0.10 test accuracy against
+    # 0.65 in training mode).
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
-    return layers.ReLU()(layers.BatchNormalization()(x))
+    return layers.ReLU()(layers.BatchNormalization(momentum=0.9)(x))
 
 
 def image_tokens(image, dim):
@@ -644,7 +650,7 @@ def main():
                              "(then all of --audio is training audio)")
     parser.add_argument("--models", type=model_list, default=MODELS,
                         help="comma-separated, or 'all' (default)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-balance-weight", type=float, default=0.01,
                         help="weight of the per-modality Switch loss (0: off)")
