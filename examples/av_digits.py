@@ -7,7 +7,7 @@ Description: Image patch tokens (MNIST) and audio frame tokens (spoken digits,
 `keras.layers.MelSpectrogram`) share the experts of `SparseMoE` blocks, with
 per-modality balancing (LIMoE); a digit head and a speaker head; a clean and
 a hard (degraded) setting; missing-modality inference; a two-input SavedModel.
-Accelerator: None (CPU, a few minutes per model)
+Accelerator: None (CPU: 1-2 minutes per model, about 6 for all four)
 
 Run it (any backend; the data files are in `../shared/data` relative to the
 project root):
