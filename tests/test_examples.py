@@ -160,3 +160,30 @@ def test_mnist_upcycling_runner(tmp_path, capsys):
     assert "RESULT model=dense extra_epochs=2" in out
     assert "RESULT model=upcycled extra_epochs=1" in out
     assert "| upcycled |" in (tmp_path / "results.md").read_text()
+
+
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+AV_FILES = [os.path.join(SHARED, f) for f in ("mnist_small.npz", "fsdd_spoken_digits.npz")]
+
+
+def test_av_digits(tmp_path):
+    """The audio-visual digit example, tiny: the hard setting (PCA images,
+    noisy audio), one epoch of 256 pairs, a single-modality model and
+    moe_fusion (the two code paths; dense_fusion and audio_only differ only
+    in which of them they combine), the missing-modality accuracies, the
+    modality x expert plots and the two-input SavedModel's serving check."""
+    missing = [f for f in AV_FILES if not os.path.exists(f)]
+    if missing:
+        import pytest
+
+        pytest.skip(f"the shared data files are not present: {missing}")
+    out = run_example("av_digits.py", "--setting", "hard", "--epochs", "1",
+                      "--train-size", "256", "--test-size", "64",
+                      "--models", "image_only,moe_fusion", tmp_path=tmp_path)
+    for model in ("image_only", "moe_fusion"):
+        assert f"RESULT model={model} setting=hard digit_accuracy=" in out
+    for modality in ("image", "audio"):
+        assert f"MISSING model=moe_fusion setting=hard missing={modality}" in out
+    assert "inputs ['audio', 'image']; serving max |difference|" in out
+    assert (tmp_path / "plots" / "block1_moe_group_expert.png").exists()
+    assert (tmp_path / "plots" / "block1_moe_test_modality_expert.png").exists()

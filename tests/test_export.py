@@ -113,6 +113,38 @@ def test_trained_multitask_model_serves_the_same_outputs(tmp_path, clean_tmp):
     assert max_difference(signature(tokens=tf.constant(x[16:19])), expected) <= 1e-5
 
 
+def test_two_named_inputs_serve_by_name(tmp_path):
+    """A multimodal model (a dict of two named inputs of different ranks,
+    the tokens of both through one SparseMoE) exports with one signature
+    input per name, and serves by name, from every backend."""
+    image = keras.Input((4, 8), name="image")
+    audio = keras.Input((6,), name="audio")
+    a = keras.layers.Reshape((3, 2))(audio)
+    a = keras.layers.Dense(8)(a)
+    tokens = keras.layers.Concatenate(axis=1)([image, a])  # (B, 7, 8)
+    moe = SparseMoE(4, 16, k=2, eval_capacity_factor=None, name="moe")
+    pooled = keras.layers.GlobalAveragePooling1D()(moe(tokens))
+    model = keras.Model({"image": image, "audio": audio},
+                        {"y": keras.layers.Dense(3, name="y")(pooled)})
+    rng = np.random.default_rng(0)
+    x = {"image": rng.normal(size=(5, 4, 8)).astype("float32"),
+         "audio": rng.normal(size=(5, 6)).astype("float32")}
+    expected = model.predict(x, verbose=0)
+
+    path = keras_moe.export_saved_model(model, tmp_path / "saved_model")
+    artifact = tf.saved_model.load(path)
+    signature = artifact.signatures["serving_default"]
+    _, inputs = signature.structured_input_signature
+    assert sorted(inputs) == ["audio", "image"]
+    assert inputs["image"].shape.as_list() == [None, 4, 8]
+    assert inputs["audio"].shape.as_list() == [None, 6]
+    served = signature(image=tf.constant(x["image"]), audio=tf.constant(x["audio"]))
+    assert max_difference(served, expected) <= 1e-5
+    served = artifact.serve({"image": tf.constant(x["image"][:2]),
+                             "audio": tf.constant(x["audio"][:2])})
+    assert max_difference(served, {"y": expected["y"][:2]}) <= 1e-5
+
+
 SCRIPT = textwrap.dedent('''
     import keras
 
