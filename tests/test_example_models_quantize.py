@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_moe.utils import keras_internals
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,7 +98,9 @@ def test_example_model_quantizes_saves_and_loads(build, tmp_path):
     with warnings.catch_warnings():  # layers without an int8 form stay float
         warnings.simplefilter("ignore")
         model.quantize("int8")
-    quantized = [l for l in model._flatten_layers() if l.quantization_mode == "int8"]
+    quantized = [
+        l for l in keras_internals.flatten_layers(model) if l.quantization_mode == "int8"
+    ]
     assert quantized, "nothing was quantized"
     expected = model.predict(x, verbose=0)
     path = str(tmp_path / "int8.keras")

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe.utils import keras_internals
+
 
 def variable_name(variable):
     return variable.path.split("/")[-1]
@@ -81,7 +83,9 @@ def copy_sliced(target, source, mapping, exclude=()):
 def copy_quantization_state(target, source):
     """Quantised `Experts` banks: keep the activation mode of the source's
     banks (it is not part of the layer's config)."""
-    for old, new in zip(source._flatten_layers(), target._flatten_layers()):
+    for old, new in zip(
+        keras_internals.flatten_layers(source), keras_internals.flatten_layers(target)
+    ):
         if getattr(old, "quantization_mode", None) and hasattr(old, "inputs_quantizer"):
             new.inputs_quantizer = old.inputs_quantizer
             new.quantization_config = old.quantization_config

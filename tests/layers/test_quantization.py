@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_moe.utils import keras_internals
 from keras_moe.compression import weight_bytes
 from keras_moe.layers import (
     CGC,
@@ -128,7 +129,7 @@ def _quantize(model, **kwargs):
 def test_model_quantize_reaches_every_bank_and_saves():
     x = np.random.default_rng(1).normal(size=(8, 6, 16)).astype("float32")
     model = _model_with_every_bank()
-    banks = [l for l in model._flatten_layers() if isinstance(l, Experts)]
+    banks = [l for l in keras_internals.flatten_layers(model) if isinstance(l, Experts)]
     assert len(banks) == 8
     # The token MoE weight-only, every other bank with int8 activations.
     token_moe = model.get_layer("moe")
@@ -154,7 +155,7 @@ def test_model_quantize_reaches_every_bank_and_saves():
         path = os.path.join(tmp, "int8.keras")
         model.save(path)
         reloaded = keras.saving.load_model(path)
-    revived = [l for l in reloaded._flatten_layers() if isinstance(l, Experts)]
+    revived = [l for l in keras_internals.flatten_layers(reloaded) if isinstance(l, Experts)]
     assert len(revived) == 8
     for bank in revived:
         assert bank.quantization_mode == "int8", bank.path
@@ -317,13 +318,13 @@ def test_quantized_heads_and_mixtures_save_and_load(make, tmp_path):
     inputs = keras.Input((8,))
     model = randomize(keras.Model(inputs, make()(inputs)))
     _quantize(model)
-    dense = [l for l in model._flatten_layers() if isinstance(l, keras.layers.Dense)]
+    dense = [l for l in keras_internals.flatten_layers(model) if isinstance(l, keras.layers.Dense)]
     assert dense and all(l.quantization_mode == "int8" for l in dense)
     outputs = model.predict(x, verbose=0)
     path = str(tmp_path / "int8.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path)
-    revived = [l for l in reloaded._flatten_layers() if isinstance(l, keras.layers.Dense)]
+    revived = [l for l in keras_internals.flatten_layers(reloaded) if isinstance(l, keras.layers.Dense)]
     assert [l.quantization_mode for l in revived] == ["int8"] * len(dense)
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), outputs)
 
@@ -391,7 +392,7 @@ def test_every_routed_family_quantizes_saves_and_loads(make, tmp_path):
         outputs = keras.layers.Concatenate()(outputs)
     model = randomize(keras.Model(inputs, outputs))
     _quantize(model)
-    banks = [l for l in model._flatten_layers() if isinstance(l, Experts)]
+    banks = [l for l in keras_internals.flatten_layers(model) if isinstance(l, Experts)]
     assert banks and all(b.quantization_mode == "int8" for b in banks)
     expected = model.predict(x, verbose=0)
     path = str(tmp_path / "int8.keras")
