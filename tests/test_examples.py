@@ -179,7 +179,8 @@ def test_av_digits(tmp_path):
         pytest.skip(f"the shared data files are not present: {missing}")
     out = run_example("av_digits.py", "--setting", "hard", "--epochs", "1",
                       "--train-size", "256", "--test-size", "64",
-                      "--models", "image_only,moe_fusion", tmp_path=tmp_path)
+                      "--models", "image_only,moe_fusion",
+                      "--output-dir", str(tmp_path))
     for model in ("image_only", "moe_fusion"):
         assert f"RESULT model={model} setting=hard digit_accuracy=" in out
     for modality in ("image", "audio"):
