@@ -36,12 +36,11 @@ Usage:
 
 import argparse
 import itertools
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
+
+from _harness import interleaved_times, median_ratio, report, run_worker
 
 HERE = os.path.abspath(__file__)
 VARIANTS = (
@@ -122,12 +121,6 @@ def make_variant(keras, name, n, d, h, e, k):
     return model, block_size, num_rows
 
 
-def step(model, x, y):
-    import numpy as np
-
-    float(np.asarray(model.train_on_batch(x, y)))  # waits for the result
-
-
 def worker(args):
     import keras
     import numpy as np
@@ -142,20 +135,11 @@ def worker(args):
             models[name], block_size, num_rows = make_variant(
                 keras, name, n, args.dim, args.hidden, e, k
             )
-        times = {name: [] for name in models}
-        for rep in range(args.warmup + args.reps):
-            for name, m in models.items():
-                step(m, x, y)
-                start = time.perf_counter()
-                step(m, x, y)
-                if rep >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-        row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e,
+        times = interleaved_times(models, x, y, args.warmup, args.reps)
+        report({"backend": keras.backend.backend(), "N": n, "k": k, "E": e,
                "B": block_size, "R": num_rows,
                "ms": {v: 1000 * statistics.median(t) for v, t in times.items()},
-               "over_ffn": {v: statistics.median(p / q for p, q in zip(t, times["ffn"]))
-                            for v, t in times.items()}}
-        print("RESULT " + json.dumps(row), flush=True)
+               "over_ffn": {v: median_ratio(times, v, "ffn") for v in times}})
 
 
 def main():
@@ -177,17 +161,8 @@ def main():
     if args.worker:
         return worker(args)
 
-    rows = []
-    for backend in args.backends.split(","):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        out = subprocess.run([sys.executable, HERE, "--worker", *sys.argv[1:]],
-                             env=env, capture_output=True, text=True)
-        found = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
-                 if line.startswith("RESULT ")]
-        if out.returncode or not found:
-            print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"worker failed on {backend}")
-        rows += found
+    rows = [row for backend in args.backends.split(",")
+            for row in run_worker(HERE, backend, ["--worker", *sys.argv[1:]])]
 
     print(f"\nDropless training step by parts, d={args.dim} h={args.hidden}; "
           f"medians of {args.reps} interleaved reps (ms), and / FFN (median of "

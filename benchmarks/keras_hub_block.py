@@ -18,12 +18,11 @@ idle machine.
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
+
+from _harness import interleaved_times, median_ratio, report, run_worker
 
 HERE = os.path.abspath(__file__)
 
@@ -60,21 +59,12 @@ def worker(args):
         diff = float(np.max(np.abs(
             np.asarray(models["keras_hub"].predict_on_batch(x))
             - np.asarray(models["keras_moe"].predict_on_batch(x)))))
-        times = {name: [] for name in models}
-        for rep in range(args.warmup + args.reps):
-            for name, m in models.items():
-                float(np.asarray(m.train_on_batch(x, y)))
-                start = time.perf_counter()
-                float(np.asarray(m.train_on_batch(x, y)))
-                if rep >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-        ratio = statistics.median(
-            p / q for p, q in zip(times["keras_hub"], times["keras_moe"]))
-        print("RESULT " + json.dumps({
+        times = interleaved_times(models, x, y, args.warmup, args.reps)
+        report({
             "backend": keras.backend.backend(), "E": e,
             "hub_ms": 1000 * statistics.median(times["keras_hub"]),
             "ours_ms": 1000 * statistics.median(times["keras_moe"]),
-            "ratio": ratio, "diff": diff}), flush=True)
+            "ratio": median_ratio(times, "keras_hub", "keras_moe"), "diff": diff})
 
 
 def main():
@@ -92,17 +82,8 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    rows = []
-    for backend in args.backends.split(","):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        out = subprocess.run([sys.executable, HERE, "--worker", *sys.argv[1:]],
-                             env=env, capture_output=True, text=True)
-        found = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
-                 if line.startswith("RESULT ")]
-        if out.returncode or not found:
-            print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"worker failed on {backend}")
-        rows += found
+    rows = [row for backend in args.backends.split(",")
+            for row in run_worker(HERE, backend, ["--worker", *sys.argv[1:]])]
     print(f"\nMixtral MoE block train step, B={args.batch} T={args.seq} d={args.dim} "
           f"h={args.hidden} top-2; medians of {args.reps} interleaved reps\n")
     print("| backend | E | keras-hub (ms) | keras_moe dropless (ms) | keras-hub / "

@@ -47,9 +47,11 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+import _harness
+from _harness import interleaved_times, median_ratio, report, train_step
 
 BACKENDS = ("tensorflow", "jax", "torch")
 HERE = os.path.abspath(__file__)
@@ -137,12 +139,6 @@ def data(n_tokens, d, seed=0):
     )
 
 
-def step(model, x, y):
-    import numpy as np
-
-    float(np.asarray(model.train_on_batch(x, y)))  # waits for the result
-
-
 def train_worker(args):
     import keras
 
@@ -165,17 +161,10 @@ def train_worker(args):
             models["dense"] = make_models(
                 keras, n, args.dim, args.hidden, e, k, None, ["dense"]
             )["dense"]
-        times = {name: [] for name in models}
-        for rep in range(args.warmup + args.reps):
-            for name, m in models.items():
-                step(m, x, y)  # untimed: the timed step follows its own model
-                start = time.perf_counter()
-                step(m, x, y)
-                if rep >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
+        times = interleaved_times(models, x, y, args.warmup, args.reps)
 
         def ratio(a, b):
-            return statistics.median(p / q for p, q in zip(times[a], times[b]))
+            return median_ratio(times, a, b)
 
         row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e}
         row["ms"] = {name: 1000 * statistics.median(t) for name, t in times.items()}
@@ -183,7 +172,7 @@ def train_worker(args):
         row["over_roofline"] = {name: ratio(name, "roofline") for name in times}
         dropless = "dropless" if "dropless" in times else f"dropless_B{args.block_sizes[0]}"
         row["over_dropless"] = {name: ratio(name, dropless) for name in times}
-        print("RESULT " + json.dumps(row), flush=True)
+        report(row)
         del models
 
 
@@ -203,19 +192,19 @@ def memory_worker(args):
     x, y = data(n, args.dim)
     model = make_models(keras, n, args.dim, args.hidden, e, k, cf, [args.model])[args.model]
     for _ in range(2):
-        step(model, x, y)
+        train_step(model, x, y)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter to the current RSS
     base = rss_kib("VmRSS")
     for _ in range(2):
-        step(model, x, y)
+        train_step(model, x, y)
     peak = rss_kib("VmHWM")
     weights = sum(v.numpy().nbytes for v in model.trainable_weights)
-    print("RESULT " + json.dumps({
+    report({
         "backend": keras.backend.backend(), "N": n, "k": k, "E": e, "cf": cf,
         "model": args.model, "step_mib": (peak - base) / 1024,
         "weights_mib": weights / 2**20,
-    }), flush=True)
+    })
 
 
 def latency_worker(args):
@@ -240,7 +229,7 @@ def latency_worker(args):
                         times[name].append(time.perf_counter() - start)
             row = {"backend": keras.backend.backend(), "E": e, "k": args.k[0], "batch": batch}
             row.update({f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()})
-            print("RESULT " + json.dumps(row), flush=True)
+            report(row)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +238,7 @@ def latency_worker(args):
 
 
 def run_worker(backend, extra):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env = {}
     if "--memory-worker" in extra:
         # Resident memory follows the live memory only if freed blocks go
         # back to the system: glibc's large blocks (mmap), and no caching
@@ -257,14 +246,7 @@ def run_worker(backend, extra):
         # default CPU allocator keep what they freed).
         env.update(MALLOC_MMAP_THRESHOLD_="65536", TF_ENABLE_ONEDNN_OPTS="0",
                    XLA_PYTHON_CLIENT_ALLOCATOR="platform")
-    out = subprocess.run([sys.executable, HERE, *extra], env=env,
-                         capture_output=True, text=True)
-    rows = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
-            if line.startswith("RESULT ")]
-    if out.returncode or not rows:
-        print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"benchmark worker failed on {backend}: {' '.join(extra)}")
-    return rows
+    return _harness.run_worker(HERE, backend, extra, env)
 
 
 def cell(value, fmt):
