@@ -5,16 +5,17 @@ Date created: 2026/12/05
 Last modified: 2026/12/05
 Description: Image patch tokens (MNIST) and audio frame tokens (spoken digits,
 `keras.layers.MelSpectrogram`) share the experts of `SparseMoE` blocks, with
-per-modality balancing (LIMoE); a digit head and a speaker head; a clean and
-a hard (degraded) setting; missing-modality inference; a two-input SavedModel.
-Accelerator: None (CPU: 1-2 minutes per model, about 6 for all four)
+per-modality routing statistics and balancing (LIMoE); a digit head and a
+speaker head; a clean and a hard (degraded) setting; missing-modality
+inference; a two-input SavedModel.
+Accelerator: None (CPU: 1-2 minutes per model, about 5 for all four)
 
 Run it (any backend; the data files are in `../shared/data` relative to the
 project root):
 
     python examples/av_digits.py --setting clean
     python examples/av_digits.py --setting hard --seed 1
-    python examples/av_digits.py --setting hard --models moe_fusion --group-balance-weight 0
+    python examples/av_digits.py --setting hard --models moe_fusion --group-balance-weight 0.01
     KERAS_BACKEND=jax python examples/av_digits.py --models moe_fusion,dense_fusion
 
 ## The task
@@ -44,18 +45,23 @@ image (28x28) -> small CNN -> 4x4 = 16 patch tokens  --+
 audio (8000)  -> MelSpectrogram -> Conv1D x2 -> 16 frame tokens (padding masked) --+
     -> 2 x [attention over the joint 32 tokens ; SparseMoE over every token]
     -> masked mean of the image tokens ; masked mean of the audio tokens
-    -> digit head (10)     speaker head (6)
+    -> digit head (10, both means)     speaker head (6, the audio mean)
 ```
 
 Four models with the same active compute per token:
 
-- `moe_fusion`: the above; each `SparseMoE` has 8 experts, top-2, hidden
-  width 64; the router sees every token of both modalities (`groups=` gives
-  each token its modality) and a per-modality Switch loss
-  (`group_balance_weight`) balances each modality on its own.
-- `dense_fusion`: the same with a dense feed-forward layer of width
-  2 x 64 = 128 in place of each `SparseMoE` (the compute of the 2 active
-  experts).
+- `moe_fusion`: the above; each `SparseMoE` has 8 experts of hidden width
+  128 and sends each token to one of them (top-1, as Switch and LIMoE do);
+  the router sees every token of both modalities (`groups=` gives each
+  token its modality, for the modality x expert statistics) and the
+  global Switch loss balances the experts. `--group-balance-weight` adds a
+  per-modality Switch loss that balances each modality on its own; it is
+  off by default: here, where neither modality crowds the other out, it
+  cost accuracy (docs/multimodal.md measures it on and off).
+- `dense_fusion`: the same with one dense feed-forward layer of width 128
+  in place of each `SparseMoE`: exactly the compute of the one active
+  expert (`--k`, `--expert-hidden` and `--shared-experts` change both
+  models alike: the dense width is `(k + shared) * expert_hidden`).
 - `image_only`, `audio_only`: the dense model on one modality's tokens.
 """
 
@@ -450,10 +456,12 @@ Each modality's encoder makes 16 tokens of width `dim`; the joint sequence
 goes through `blocks` pre-norm blocks of attention (over both modalities:
 that is where they meet) and a token-wise feed-forward layer, which is a
 `SparseMoE` in `moe_fusion`. Its router sees image and audio tokens alike;
-`groups=` tells the layer which is which, for the per-modality Switch loss
-(`group_balance_weight`) and the modality x expert table
-(`routing_stats()["group_expert_load"]`, plotted by `RoutingMonitor`). The
-heads read the masked mean of each modality's tokens.
+`groups=` tells the layer which is which, for the modality x expert table
+(`routing_stats()["group_expert_load"]`, plotted by `RoutingMonitor`) and
+the optional per-modality Switch loss (`group_balance_weight`). The
+digit head reads the masked mean of each modality's tokens; the speaker
+head reads the audio tokens' mean only (the image knows no speaker; through
+the attention, the audio tokens have still seen the image).
 """
 
 
@@ -484,10 +492,12 @@ def audio_tokens(audio, dim):
     return layers.Identity(name="audio_tokens")(x)
 
 
-def build_model(name, dim=64, blocks=2, heads=4, experts=8, k=2, expert_hidden=64,
-                group_balance_weight=0.01, seed=0):
-    """One of `MODELS`. Every feed-forward layer costs `k * expert_hidden`
-    hidden units per token: `k` experts of `moe_fusion`, or one dense layer."""
+def build_model(name, dim=64, blocks=2, heads=4, experts=8, k=1, expert_hidden=128,
+                group_balance_weight=0.0, local_entropy_weight=0.0,
+                global_entropy_weight=0.0, shared_experts=0, seed=0):
+    """One of `MODELS`. Every feed-forward layer costs
+    `(k + shared_experts) * expert_hidden` hidden units per token: the `k`
+    routed and the shared experts of `moe_fusion`, or one dense layer."""
     modalities = {"image_only": ("image",), "audio_only": ("audio",)}.get(
         name, MODALITIES)
     inputs, tokens, masks = {}, [], []
@@ -515,11 +525,14 @@ def build_model(name, dim=64, blocks=2, heads=4, experts=8, k=2, expert_hidden=6
                 # depends on the rest of the batch.
                 capacity_factor=None, eval_capacity_factor=None,
                 num_groups=len(MODALITIES), group_names=list(MODALITIES),
-                group_balance_weight=group_balance_weight, seed=seed + b,
+                group_balance_weight=group_balance_weight,
+                local_entropy_weight=local_entropy_weight,
+                global_entropy_weight=global_entropy_weight,
+                num_shared_experts=shared_experts, seed=seed + b,
                 name=f"block{b}_moe",
             )(h, mask=mask, groups=groups)
         else:
-            h = layers.Dense(k * expert_hidden, activation="gelu",
+            h = layers.Dense((k + shared_experts) * expert_hidden, activation="gelu",
                              name=f"block{b}_ffn_in")(h)
             h = layers.Dense(dim, name=f"block{b}_ffn_out")(h)
         x = layers.Add()([x, h])
@@ -530,11 +543,12 @@ def build_model(name, dim=64, blocks=2, heads=4, experts=8, k=2, expert_hidden=6
             x, mask=mask))
         start += count
     features = pooled[0] if len(pooled) == 1 else layers.Concatenate()(pooled)
+    voice = pooled[modalities.index("audio")] if "audio" in modalities else features
     outputs = {
         "digit": layers.Dense(10, activation="softmax", name="digit")(
             layers.Dropout(0.1)(features)),
         "speaker": layers.Dense(NUM_SPEAKERS, activation="softmax", name="speaker")(
-            layers.Dropout(0.1)(features)),
+            layers.Dropout(0.1)(voice)),
     }
     return keras.Model(inputs, outputs, name=name)
 
@@ -650,10 +664,21 @@ def main():
                              "(then all of --audio is training audio)")
     parser.add_argument("--models", type=model_list, default=MODELS,
                         help="comma-separated, or 'all' (default)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group-balance-weight", type=float, default=0.01,
+    parser.add_argument("--group-balance-weight", type=float, default=0.0,
                         help="weight of the per-modality Switch loss (0: off)")
+    parser.add_argument("--experts", type=int, default=8,
+                        help="routed experts per SparseMoE")
+    parser.add_argument("--k", type=int, default=1, help="experts per token")
+    parser.add_argument("--expert-hidden", type=int, default=128,
+                        help="hidden width of each expert")
+    parser.add_argument("--shared-experts", type=int, default=0,
+                        help="experts every token uses (DeepSeekMoE-style)")
+    parser.add_argument("--local-entropy-weight", type=float, default=0.0,
+                        help="LIMoE's per-token entropy loss")
+    parser.add_argument("--global-entropy-weight", type=float, default=0.0,
+                        help="LIMoE's per-modality global entropy loss")
     parser.add_argument("--train-size", type=int, default=None,
                         help="use the first N training images (smoke tests)")
     parser.add_argument("--test-size", type=int, default=None,
@@ -685,8 +710,12 @@ def main():
 
     results = []
     for name in args.models:
-        model = build_model(name, group_balance_weight=args.group_balance_weight,
-                            seed=args.seed)
+        model = build_model(name, experts=args.experts, k=args.k,
+                            expert_hidden=args.expert_hidden,
+                            group_balance_weight=args.group_balance_weight,
+                            local_entropy_weight=args.local_entropy_weight,
+                            global_entropy_weight=args.global_entropy_weight,
+                            shared_experts=args.shared_experts, seed=args.seed)
         fusion = name.endswith("fusion")
         train = PairedDigits(images_train, y_train, audio_train, BATCH_SIZE,
                              args.seed, inputs=list(model.input), snr_db=snr,

@@ -168,10 +168,11 @@ AV_FILES = [os.path.join(SHARED, f) for f in ("mnist_small.npz", "fsdd_spoken_di
 
 def test_av_digits(tmp_path):
     """The audio-visual digit example, tiny: the hard setting (PCA images,
-    noisy audio), one epoch of 256 pairs, a single-modality model and
-    moe_fusion (the two code paths; dense_fusion and audio_only differ only
-    in which of them they combine), the missing-modality accuracies, the
-    modality x expert plots and the two-input SavedModel's serving check."""
+    noisy audio), the per-modality loss on, one epoch of 256 pairs, a
+    single-modality model and moe_fusion (the two code paths; dense_fusion
+    and audio_only differ only in which of them they combine), the
+    missing-modality accuracies, the modality x expert plots and the
+    two-input SavedModel's serving check."""
     missing = [f for f in AV_FILES if not os.path.exists(f)]
     if missing:
         import pytest
@@ -180,6 +181,8 @@ def test_av_digits(tmp_path):
     out = run_example("av_digits.py", "--setting", "hard", "--epochs", "1",
                       "--train-size", "256", "--test-size", "64",
                       "--models", "image_only,moe_fusion",
+                      # the per-modality loss is off by default: run it here
+                      "--group-balance-weight", "0.01",
                       "--output-dir", str(tmp_path))
     for model in ("image_only", "moe_fusion"):
         assert f"RESULT model={model} setting=hard digit_accuracy=" in out
