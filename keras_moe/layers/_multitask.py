@@ -1,11 +1,10 @@
 """Helpers shared by the multi-task layers (`MultiGateMoE`, `CGC`, `PLE`):
-gate initializers, gate entropy, telemetry and input checks."""
+gate initializers, telemetry and input checks."""
 
 import keras
 from keras import ops
 
 from keras_moe.layers.routers import default_router_initializer
-from keras_moe.ops import balancing
 
 def gate_initializer(value):
     return keras.initializers.get(value or default_router_initializer())
@@ -22,14 +21,6 @@ def fresh_initializer(initializer, offset):
     if offset and isinstance(seed, int):
         config = dict(config, config=dict(inner, seed=seed + offset))
     return keras.initializers.deserialize(config)
-
-
-def mean_entropy(probs, mask=None):
-    """Mean entropy (nats) of the distributions `probs` `(..., N, E)` of
-    `N` tokens, over the tokens of `mask` `(N,)` only."""
-    probs = ops.cast(probs, "float32")
-    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
-    return ops.mean(balancing.masked_mean(ops.moveaxis(entropy, -1, 0), mask))
 
 
 def normalize_rows(mass):
@@ -53,10 +44,6 @@ def as_compute_dtype(layer, x):
     every backend (torch's einsum would not promote them), as Keras'
     normalization layers do."""
     return ops.cast(x, layer.compute_dtype)
-
-
-def flat_tokens(x, d):
-    return ops.reshape(x, (-1, d))
 
 
 def check_last_dim(layer, shape, expected):

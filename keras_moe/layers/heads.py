@@ -9,7 +9,7 @@ with `model.compile(optimizer, **default_compile_args(model))`.
 import keras
 from keras import ops
 
-from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.layers.expert_bank import quantized_dtype_config
 from keras_moe.utils import validation as check
 from keras_moe.utils.keras_internals import output_items, producing_layer
 

@@ -1,10 +1,17 @@
+"""`SoftMoE`: every expert slot is a soft mixture of all the tokens of a
+sequence (Puigcerver et al. 2024); fully differentiable, no routing."""
+
 import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._stats import statistic
-from keras_moe.layers.experts import Experts, expert_options_config
-from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.layers.expert_bank import (
+    expert_options_config,
+    make_experts,
+    pop_expert_options,
+    quantized_dtype_config,
+)
 from keras_moe.utils import validation as check
 
 
@@ -38,11 +45,13 @@ class SoftMoE(keras.layers.Layer):
         slots_per_expert: `S`.
         output_dim: output width; defaults to the input width.
         normalize: L2-normalise tokens and slot parameters.
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer: passed to `Experts`.
         slot_initializer: initializer of `Phi` (default LeCun normal, as in
             the paper).
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and the expert options (see
+            `Experts`): `activation` (default `"gelu"`), `gated`,
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `glu_limit`,
+            `glu_linear_offset`, `output_scale`.
 
     Call arguments:
         inputs: `(B, T, d)`.
@@ -74,16 +83,10 @@ class SoftMoE(keras.layers.Layer):
         slots_per_expert=1,
         output_dim=None,
         normalize=False,
-        activation="gelu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
         slot_initializer="lecun_normal",
         **kwargs,
     ):
+        expert_options = pop_expert_options(kwargs)
         super().__init__(**kwargs)
         self.supports_masking = True
         self.num_experts = check.positive_int("num_experts", num_experts)
@@ -92,21 +95,10 @@ class SoftMoE(keras.layers.Layer):
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
-        self.normalize = bool(normalize)
+        self.normalize = check.boolean("normalize", normalize)
         self.slot_initializer = keras.initializers.get(slot_initializer)
-        self.experts = Experts(
-            num_experts=self.num_experts,
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=self.dtype_policy,
-            name="experts",
+        self.experts = make_experts(
+            self, self.num_experts, self.hidden_dim, expert_options, self.output_dim
         )
 
     def _check_shape(self, input_shape):

@@ -4,6 +4,9 @@ import math
 import numbers
 
 import keras
+import numpy as np
+
+from keras_moe.utils.tensors import flat_mask
 
 
 def positive_int(name, value):
@@ -45,6 +48,16 @@ def router_layer(router, num_experts):
             "The router must have as many experts as the layer. Received: "
             f"router.num_experts={router.num_experts}, num_experts={num_experts}"
         )
+
+
+def boolean(name, value):
+    """A real boolean: `True` or `False` (NumPy's `bool_` too). A string such
+    as "False", a number or `None` is refused, never read as truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(
+        f"{name} must be True or False. Received: {name}={value!r}"
+    )
 
 
 def _real(name, value, accept, requirement):
@@ -217,6 +230,4 @@ def token_mask(layer, mask, inputs):
             f"{layer}: the mask must have the inputs' shape without the last "
             f"axis, {expected}. Received: mask shape {tuple(mask.shape)}"
         )
-    if mask.dtype != "bool":
-        mask = ops.not_equal(mask, 0)
-    return ops.reshape(mask, (-1,))
+    return flat_mask(mask)

@@ -10,6 +10,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import dispatching
+from keras_moe.utils.tensors import flat_mask
 
 
 def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
@@ -37,7 +38,7 @@ def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
     else:
         # Masked tokens (padding) are left out of the statistics and the
         # transport: their rows are held at a log-mass of -1e9 (exp: 0).
-        keep = ops.reshape(ops.cast(mask, "bool"), (-1, 1))
+        keep = flat_mask(mask)[:, None]
         a = ops.where(keep, a, 0.0)
         count = ops.sum(ops.cast(keep, "float32"))
         entries = ops.maximum(count * ops.cast(shape[1], "float32"), 1.0)
@@ -112,7 +113,7 @@ def capacity_constrained_assignment(scores, capacity, max_rounds, mask=None):
             # proposes and takes no room.
             ops.full((num_tokens,), -1, dtype="int32")
             if mask is None
-            else ops.where(ops.reshape(ops.cast(mask, "bool"), (-1,)), -1, 0),
+            else ops.where(flat_mask(mask), -1, 0),
             ops.zeros((num_experts,), dtype="int32"),
         ),
     )
@@ -196,6 +197,8 @@ class BalancedAssignmentRouter(Router):
         Cuturi. Sinkhorn Distances (NeurIPS 2013).
     """
 
+    token_independent = False
+
     routing_fields = ("logits",)
 
     def __init__(
@@ -247,8 +250,7 @@ class BalancedAssignmentRouter(Router):
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         affinities = self.linear_logits(tokens)  # (N, E)
         if training:
-            if mask is not None:
-                mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
+            mask = flat_mask(mask)
             expert = self.balanced_assignment(affinities, mask=mask)
         else:
             expert = ops.cast(ops.argmax(affinities, axis=-1), "int32")

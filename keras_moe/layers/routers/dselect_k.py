@@ -8,6 +8,7 @@ from keras import ops
 from keras_moe.utils import validation as check
 from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
+from keras_moe.utils.tensors import flat_mask
 
 
 def smooth_step(t, gamma):
@@ -204,7 +205,7 @@ class DSelectKRouter(Router):
         entropy = -ops.sum(r_log_r, axis=(-2, -1))
         entropy_loss = balancing.masked_mean(
             ops.reshape(entropy, (-1,)),
-            None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,)),
+            flat_mask(mask),
         )
         routing = RoutingResult(
             expert_index=expert_index,

@@ -10,6 +10,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import balancing, dispatching, selection
+from keras_moe.utils.tensors import flat_mask
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 INPUT_NORMS = ("rms",)
@@ -278,8 +279,8 @@ class TopKRouter(Router):
         gates = dispatching.choice_matrix(
             ops.reshape(top, (-1, self.k)), flat_index, e
         )
+        mask = flat_mask(mask)
         if mask is not None:  # padding adds nothing to a loss
-            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
             gates = ops.where(mask[:, None], gates, ops.zeros_like(gates))
         losses = {
             "load_balance_loss": balancing.load_balancing_loss(
