@@ -378,13 +378,13 @@ class EpochLine(keras.callbacks.Callback):
         now, epochs = time.time(), self.params["epochs"]
         left = (now - self.first) / (epoch + 1) * (epochs - epoch - 1)
         value = {name: logs.get(name, float("nan")) for name in (
-            "loss", "class_accuracy", "box_box_iou", "token_moe_dropped",
+            "loss", "class_accuracy", "box_iou", "token_moe_dropped",
             "task_moe_class_experts", "task_moe_box_experts")}
         parts = [f"epoch {epoch + 1:>2}/{epochs}",
                  f"{now - self.started:4.0f} s (~{left:.0f} s left)",
                  f"loss {value['loss']:.3f}",
                  f"class accuracy {value['class_accuracy']:.3f}",
-                 f"box IoU {value['box_box_iou']:.3f}",
+                 f"box IoU {value['box_iou']:.3f}",
                  f"token MoE dropped {100 * value['token_moe_dropped']:.0f}%",
                  "MMoE experts per gate: " + ", ".join(
                      f"{t} {value[f'task_moe_{t}_experts']:.1f}" for t in TASKS)]
