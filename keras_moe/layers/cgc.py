@@ -148,12 +148,12 @@ class CGC(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
         self.num_task_experts = check.non_negative_int(
-            "num_task_experts", num_task_experts
+            "num_task_experts", num_task_experts, check.MAX_EXPERTS
         )
         self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
+            "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
         )
         per_gate = self.num_task_experts + self.num_shared_experts
         if per_gate == 0:
@@ -165,7 +165,7 @@ class CGC(keras.layers.Layer):
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
-        self.shared_output = bool(shared_output)
+        self.shared_output = check.boolean("shared_output", shared_output)
         if k is not None:
             k = check.positive_int("k", k)
             if k > per_gate:
@@ -180,6 +180,11 @@ class CGC(keras.layers.Layer):
         self.task_names = check.task_names(task_names, self.num_tasks)
         self.total_experts = self.num_tasks * self.num_task_experts + (
             self.num_shared_experts
+        )
+        check.positive_int(
+            "num_tasks * num_task_experts + num_shared_experts",
+            self.total_experts,
+            check.MAX_EXPERTS,
         )
         self.expert_options = dict(
             hidden_dim=self.hidden_dim,

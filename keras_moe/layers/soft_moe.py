@@ -86,14 +86,18 @@ class SoftMoE(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
-        self.slots_per_expert = check.positive_int("slots_per_expert", slots_per_expert)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
+        self.slots_per_expert = check.positive_int(
+            "slots_per_expert", slots_per_expert, check.MAX_EXPERTS
+        )
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
-        self.normalize = bool(normalize)
-        self.slot_initializer = keras.initializers.get(slot_initializer)
+        self.normalize = check.boolean("normalize", normalize)
+        self.slot_initializer = check.initializer("slot_initializer", slot_initializer)
         self.experts = Experts(
             num_experts=self.num_experts,
             hidden_dim=self.hidden_dim,
@@ -122,6 +126,10 @@ class SoftMoE(keras.layers.Layer):
     def build(self, input_shape):
         d = self._check_shape(input_shape)[-1]
         num_slots = self.num_experts * self.slots_per_expert
+        check.weight_elements(
+            self.name, "slot_kernel", (d, num_slots), input_dim=d,
+            num_experts=self.num_experts, slots_per_expert=self.slots_per_expert,
+        )
         self.slot_kernel = self.add_weight(
             name="slot_kernel", shape=(d, num_slots), initializer=self.slot_initializer
         )

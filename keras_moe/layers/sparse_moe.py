@@ -93,8 +93,10 @@ class SparseMoE(keras.layers.Layer):
         eval_capacity_factor: inference capacity factor (> 0) or `None`
             (dropless, the default).
         dispatch: `"sparse"` or `"dense"`.
-        block_size: rows per block of the dropless path; `None` (default)
-            picks one per shape (`keras_moe.ops.default_block_size`).
+        block_size: rows per block of the dropless path, at most 4096 (a
+            call computes up to `E (block_size - 1)` padding rows); `None`
+            (default) picks one per shape
+            (`keras_moe.ops.default_block_size`).
         activation: expert activation (a Keras activation, or
             `"gelu_approximate"` / `"quick_gelu"`, see
             `keras_moe.activations`).
@@ -222,8 +224,10 @@ class SparseMoE(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
@@ -234,12 +238,14 @@ class SparseMoE(keras.layers.Layer):
         self.dispatch = check.one_of("dispatch", dispatch, DISPATCH_MODES)
         self.block_size = check.block_size("block_size", block_size)
         self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
+            "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
         )
         self.shared_hidden_dim = (
             None
             if shared_hidden_dim is None
-            else check.positive_int("shared_hidden_dim", shared_hidden_dim)
+            else check.positive_int(
+                "shared_hidden_dim", shared_hidden_dim, check.MAX_WIDTH
+            )
         )
         self.shared_expert_gate = (
             None
@@ -258,9 +264,11 @@ class SparseMoE(keras.layers.Layer):
                 f"shared_hidden_dim={shared_hidden_dim!r}, "
                 f"shared_expert_gate={shared_expert_gate!r}"
             )
-        self.seed = seed
+        self.seed = check.seed("seed", seed)
         self.num_groups = (
-            None if num_groups is None else check.positive_int("num_groups", num_groups)
+            None
+            if num_groups is None
+            else check.positive_int("num_groups", num_groups, check.MAX_TASKS)
         )
         self.group_balance_weight = check.non_negative_float(
             "group_balance_weight", group_balance_weight
@@ -290,6 +298,8 @@ class SparseMoE(keras.layers.Layer):
             self.group_names = check.task_names(
                 group_names, self.num_groups, label="group"
             )
+        if router_kernel_initializer is not None:
+            check.initializer("router_kernel_initializer", router_kernel_initializer)
         router_args = dict(
             noisy_gating=noisy_gating,
             load_balance_weight=load_balance_weight,

@@ -247,7 +247,9 @@ class Router(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, maximum=check.MAX_EXPERTS
+        )
         self.k = check.k_for_experts(k, self.num_experts)
 
     @property

@@ -89,12 +89,15 @@ class TaskRouter(Router):
         **kwargs,
     ):
         super().__init__(num_experts, k=k, **kwargs)
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int(
+            "num_tasks", num_tasks, maximum=check.MAX_TASK_IDS
+        )
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.RandomNormal(stddev=0.1)
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer",
+            kernel_initializer or keras.initializers.RandomNormal(stddev=0.1),
         )
 
     def build(self, input_shape):
