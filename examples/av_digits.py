@@ -66,6 +66,7 @@ Four models with the same active compute per token:
 """
 
 import argparse
+import importlib.util
 import logging
 import os
 import time
@@ -153,8 +154,11 @@ if __name__ == "__main__":
     ARGS = parse_args()
 
 # TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
-# this example: hide them unless you chose a log level. Some are written
-# while its libraries load, so stderr is closed while Keras imports them.
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -162,6 +166,9 @@ if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
     os.dup2(_devnull, 2)
     try:
         import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
     finally:
         os.dup2(_stderr, 2)
         os.close(_stderr)

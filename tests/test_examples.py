@@ -31,13 +31,24 @@ def assert_numbers_finite(out):
     assert not bad, "non-finite numbers printed:\n" + "\n".join(bad[:20])
 
 
+# TensorFlow's C++ log lines, which the examples hide (issue 32: they read
+# like errors, "E0000 ... AVX-512" in particular).
+TF_LOG_LINES = ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "E0000")
+
+
 def run_example(name, *args):
+    """Runs `python examples/<name> *args` as a user would: without the
+    TF_CPP_MIN_LOG_LEVEL that the test runner may set."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", name), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert_numbers_finite(result.stdout)
+    noise = [line for line in (result.stdout + result.stderr).splitlines()
+             if any(marker in line for marker in TF_LOG_LINES)]
+    assert not noise, "TensorFlow log lines:\n" + "\n".join(noise[:10])
     return result.stdout
 
 

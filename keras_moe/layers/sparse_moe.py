@@ -85,8 +85,9 @@ class SparseMoE(keras.layers.Layer):
     Args:
         num_experts: `E`, number of experts.
         hidden_dim: hidden width of each expert.
-        k: experts per token (`1` is Switch routing); default 2, or the
-            router's `k` when `router` is given.
+        k: experts per token (`1` is Switch routing). `None` (the
+            default in the signature) means 2, or the router's `k` when
+            `router` is given.
         output_dim: output width; defaults to the input width.
         capacity_factor: training capacity factor (> 0) or `None`
             (dropless); default 1.25.
