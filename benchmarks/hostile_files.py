@@ -220,8 +220,14 @@ def _layer_name(config, path):
 
 def _load_worker(path):
     """`--load PATH`: one load in this fresh process, as a RESULT line."""
+    import importlib.util
+
     import keras_moe.layers  # noqa: F401  (registers the classes; not timed)
 
+    # Keras imports TensorFlow, when installed, on the first load under every
+    # backend (its serialization checks `tf.available`): not the file's cost.
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow  # noqa: F401
     base = peak_rss_mb()
     seconds, error = load(path)
     print("RESULT " + json.dumps(dict(seconds=seconds, peak_mb=peak_rss_mb() - base,

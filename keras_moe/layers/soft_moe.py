@@ -1,3 +1,5 @@
+"""`SoftMoE`: soft Mixture-of-Experts, every slot a weighted average of the tokens (Puigcerver et al. 2023)."""
+
 import keras
 from keras import ops
 
@@ -6,6 +8,7 @@ from keras_moe.layers._stats import statistic
 from keras_moe.layers.experts import Experts, expert_options_config
 from keras_moe.layers.experts import quantized_dtype_config
 from keras_moe.utils import validation as check
+from keras_moe.utils.tensors import softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -164,12 +167,12 @@ class SoftMoE(keras.layers.Layer):
             inputs = ops.where(mask[..., None], inputs, ops.zeros_like(inputs))
         logits = ops.cast(self.logits(inputs), "float32")
         if mask is None:
-            dispatch = ops.softmax(logits, axis=1)
+            dispatch = softmax(logits, axis=1)
         else:
-            dispatch = ops.softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
+            dispatch = softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
             dispatch = ops.where(mask[..., None], dispatch, 0.0)
         dispatch = ops.cast(dispatch, inputs.dtype)
-        combine = ops.softmax(logits, axis=2)
+        combine = softmax(logits, axis=2)
         slots = ops.einsum("bts,btd->bsd", dispatch, inputs)  # (B, E*S, d)
         batch = ops.shape(inputs)[0]
         per_expert = ops.reshape(slots, (batch, e, s, shape[-1]))

@@ -10,6 +10,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import dispatching
+from keras_moe.utils.tensors import softmax
 
 # Sinkhorn iterations are unrolled into the graph: a ceiling keeps an edited
 # file from building a graph of millions of ops (BASE used a few).
@@ -274,7 +275,7 @@ class BalancedAssignmentRouter(Router):
             expert_index=ops.reshape(expert_index, lead + (1,)),
             combine_weights=ops.reshape(ops.sigmoid(chosen), lead + (1,)),
             probs=ops.reshape(
-                ops.softmax(affinities, axis=-1), lead + (self.num_experts,)
+                softmax(affinities, axis=-1), lead + (self.num_experts,)
             ),
             logits=ops.reshape(affinities, lead + (self.num_experts,)),
         )

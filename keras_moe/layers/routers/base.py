@@ -17,6 +17,7 @@ from keras_moe.layers import _routing_ids
 from keras_moe.utils import validation as check
 from keras_moe.ops import balancing, selection
 from keras_moe.utils import keras_internals
+from keras_moe.utils.tensors import softmax
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
 
@@ -305,7 +306,7 @@ class Router(keras.layers.Layer):
         unweighted `load_balance_loss` (Switch) and `z_loss` (ST-MoE) over
         the tokens of `mask` (all by default)."""
         logits = ops.cast(logits, self.compute_dtype)
-        probs = ops.softmax(logits, axis=-1)
+        probs = softmax(logits, axis=-1)
         weights, expert_index = selection.top_k(probs, self.k)
         if self.k > 1:
             weights = weights / ops.sum(weights, axis=-1, keepdims=True)

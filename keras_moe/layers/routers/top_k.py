@@ -10,6 +10,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import balancing, dispatching, selection
+from keras_moe.utils.tensors import softmax
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 INPUT_NORMS = ("rms",)
@@ -262,7 +263,7 @@ class TopKRouter(Router):
         clean, noisy, noise_std = self.compute_logits(inputs, training=training)
         logits = clean if noisy is None else noisy
         if self.score_function == "softmax":
-            scores = ops.softmax(logits, axis=-1)
+            scores = softmax(logits, axis=-1)
             probs = scores
         else:
             scores = ops.sigmoid(logits)
