@@ -217,3 +217,24 @@ def test_av_digits(tmp_path):
     assert "inputs ['audio', 'image']; serving max |difference|" in out
     assert (tmp_path / "plots" / "block1_moe_group_expert.png").exists()
     assert (tmp_path / "plots" / "block1_moe_test_modality_expert.png").exists()
+
+
+@pytest.mark.parametrize("name", sorted(
+    f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")))
+def test_help_answers_before_keras_loads(name):
+    """Issue 32: `av_digits.py --help` took 28 s, Keras and its backend
+    being imported before the arguments were read. Every example parses
+    its arguments first: `--help` prints the flags and imports no Keras."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{name!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({os.path.join(ROOT, 'examples', name)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+        "assert 'keras' not in sys.modules, 'keras was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--" in result.stdout and "usage:" in result.stdout
