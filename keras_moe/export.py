@@ -37,6 +37,8 @@ import tempfile
 
 import keras
 
+from keras_moe.utils import validation
+
 # Backends on which Keras' `model.export(format="tf_saved_model")` works.
 DIRECT_BACKENDS = ("tensorflow", "jax")
 _CHILD_BACKEND = "tensorflow"
@@ -298,10 +300,11 @@ def export_saved_model(model, path, *, modules=None, input_signature=None,
         raise ValueError(
             f"model must be built before export. Received: unbuilt model {model.name!r}"
         )
-    if in_subprocess not in (None, True, False):
+    if in_subprocess is not None and not isinstance(in_subprocess, bool):
         raise ValueError(
             f"in_subprocess must be None, True or False. Received: in_subprocess={in_subprocess!r}"
         )
+    verbose = validation.boolean("verbose", verbose)
     if modules is not None:
         if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
             raise ValueError(
@@ -400,6 +403,8 @@ def export_onnx(model, path, *, input_signature=None, opset_version=None,
     ...                              "b": RegressionHead(1, name="b")(b)})
     >>> path = export_onnx(model, os.path.join(tempfile.mkdtemp(), "m.onnx"))
     """
+    verbose = validation.boolean("verbose", verbose)
+    check = validation.boolean("check", check)
     backend = keras.backend.backend()
     if backend not in _ONNX_CONVERTERS:
         raise ValueError(f"ONNX export supports tensorflow, jax and torch. Received: backend={backend}")

@@ -125,12 +125,12 @@ class RoutingMonitor(keras.callbacks.Callback):
 
             require_matplotlib("RoutingMonitor(plot_dir=...)")
         self.batch_size = check.positive_int("batch_size", batch_size)
-        self.plot_every_epoch = bool(plot_every_epoch)
+        self.plot_every_epoch = check.boolean("plot_every_epoch", plot_every_epoch)
         if self.plot_every_epoch and self.plot_dir is None:
             raise ValueError(
                 "plot_every_epoch=True needs a plot_dir. Received: plot_dir=None"
             )
-        self.log_scalars = bool(log_scalars)
+        self.log_scalars = check.boolean("log_scalars", log_scalars)
         self.layer_names = _name_list("layers", layers)
         self.class_layer_names = _name_list("class_layers", class_layers)
         self.class_data, self.class_names = _class_data(class_data, class_names)

@@ -5,9 +5,13 @@ import keras
 from keras import ops
 
 from keras_moe.layers.routers import default_router_initializer
+from keras_moe.utils import validation as check
+
 
 def gate_initializer(value):
-    return keras.initializers.get(value or default_router_initializer())
+    return check.initializer(
+        "gate_kernel_initializer", value or default_router_initializer()
+    )
 
 
 def fresh_initializer(initializer, offset):

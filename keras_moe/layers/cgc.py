@@ -147,12 +147,12 @@ class CGC(keras.layers.Layer):
         expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
         self.num_task_experts = check.non_negative_int(
-            "num_task_experts", num_task_experts
+            "num_task_experts", num_task_experts, check.MAX_EXPERTS
         )
         self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
+            "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
         )
         per_gate = self.num_task_experts + self.num_shared_experts
         if per_gate == 0:
@@ -179,6 +179,11 @@ class CGC(keras.layers.Layer):
         self.task_names = check.task_names(task_names, self.num_tasks)
         self.total_experts = self.num_tasks * self.num_task_experts + (
             self.num_shared_experts
+        )
+        check.positive_int(
+            "num_tasks * num_task_experts + num_shared_experts",
+            self.total_experts,
+            check.MAX_EXPERTS,
         )
         self.task_experts = (
             make_experts(

@@ -26,7 +26,13 @@ def _hidden_units(hidden_units):
             "hidden_units must be a list of positive integers, e.g. [64, 32], "
             f"or [] for no hidden layer. Received: hidden_units={hidden_units!r}"
         )
-    return tuple(int(units) for units in hidden_units)
+    check.non_negative_int(
+        "len(hidden_units)", len(hidden_units), maximum=check.MAX_LEVELS
+    )
+    return tuple(
+        check.positive_int("hidden_units", units, maximum=check.MAX_WIDTH)
+        for units in hidden_units
+    )
 
 
 class _Head(keras.layers.Layer):
@@ -48,10 +54,14 @@ class _Head(keras.layers.Layer):
         self.hidden_units = _hidden_units(hidden_units)
         self.dropout = check.dropout_rate("dropout", dropout)
         self.activation = keras.activations.get(activation)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = check.initializer("bias_initializer", bias_initializer)
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = check.regularizer("bias_regularizer", bias_regularizer)
         self.hidden_layers = [
             self._dense(units, f"hidden_{i}", activation=self.activation)
             for i, units in enumerate(self.hidden_units)
@@ -186,7 +196,9 @@ class ClassificationHead(_Head):
             bias_regularizer=bias_regularizer,
             **kwargs,
         )
-        self.num_classes = check.positive_int("num_classes", num_classes)
+        self.num_classes = check.positive_int(
+            "num_classes", num_classes, maximum=check.MAX_CLASSES
+        )
         self.output_mode = check.one_of("output", output, OUTPUT_MODES)
         self.output_units = self.num_classes
         self.output_layer = self._dense(self.num_classes, "logits")
@@ -357,7 +369,7 @@ class RegressionHead(_Head):
             bias_regularizer=bias_regularizer,
             **kwargs,
         )
-        self.units = check.positive_int("units", units)
+        self.units = check.positive_int("units", units, maximum=check.MAX_WIDTH)
         self.output_units = self.units
         self.output_layer = self._dense(self.units, "outputs")
 
@@ -450,8 +462,8 @@ class BoxHead(_Head):
             bias_regularizer=bias_regularizer,
             **kwargs,
         )
-        self.output_kernel_initializer = keras.initializers.get(
-            output_kernel_initializer
+        self.output_kernel_initializer = check.initializer(
+            "output_kernel_initializer", output_kernel_initializer
         )
         self.output_units = 4
         self.output_layer = self._dense(

@@ -152,8 +152,10 @@ class MultiGateMoE(keras.layers.Layer):
         expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)

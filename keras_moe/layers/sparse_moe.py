@@ -84,15 +84,17 @@ class SparseMoE(keras.layers.Layer):
     Args:
         num_experts: `E`, number of experts.
         hidden_dim: hidden width of each expert.
-        k: experts per token (`1` is Switch routing); default 2, or the
-            router's `k` when `router` is given.
+        k: experts per token (`1` is Switch routing). `None` (the
+            default in the signature) means 2, or the router's `k` when
+            `router` is given.
         output_dim: output width; defaults to the input width.
         capacity_factor: training capacity factor (> 0) or `None`
             (dropless); default 1.25.
         eval_capacity_factor: inference capacity factor (> 0) or `None`
             (dropless, the default).
         dispatch: `"sparse"` or `"dense"`.
-        block_size: rows per block of the dropless block path; `None`
+        block_size: rows per block of the dropless block path, at most 4096
+            (a call computes up to `E (block_size - 1)` padding rows); `None`
             (default) picks one per shape (`keras_moe.ops.default_block_size`).
         num_shared_experts: experts that every token uses, added to the
             routed mixture (DeepSeekMoE, Dai et al. 2024); default 0.
@@ -214,8 +216,10 @@ class SparseMoE(keras.layers.Layer):
         router_options = pop_router_options(kwargs)
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
