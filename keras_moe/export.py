@@ -37,6 +37,7 @@ import tempfile
 
 import keras
 
+from keras_moe.ops import grouped
 from keras_moe.utils import validation
 
 # Backends on which Keras' `model.export(format="tf_saved_model")` works.
@@ -329,8 +330,12 @@ def export_saved_model(model, path, *, modules=None, input_signature=None,
             _export_in_subprocess(model, path, modules, input_signature, verbose,
                                   timeout)
         else:
-            model.export(path, format="tf_saved_model", verbose=verbose,
-                         input_signature=input_signature)
+            # The exported graph holds portable ops only: the dropless
+            # layers serve on expert-sorted blocks, not through a backend
+            # kernel (keras_moe.ops.grouped) that a converter may not know.
+            with grouped.use_kernels(False):
+                model.export(path, format="tf_saved_model", verbose=verbose,
+                             input_signature=input_signature)
     except BaseException:
         if not existed and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)  # no half-written artifact
@@ -427,7 +432,7 @@ def export_onnx(model, path, *, input_signature=None, opset_version=None,
     # next call). A stateless scope keeps them out of the model.
     scope = keras.StatelessScope() if backend == "jax" else contextlib.nullcontext()
     try:
-        with scope:
+        with scope, grouped.use_kernels(False):
             model.export(path, format="onnx", verbose=verbose,
                          input_signature=input_signature,
                          opset_version=opset_version)
