@@ -330,9 +330,7 @@ def export_saved_model(model, path, *, modules=None, input_signature=None,
             _export_in_subprocess(model, path, modules, input_signature, verbose,
                                   timeout)
         else:
-            # The exported graph holds portable ops only: the dropless
-            # layers serve on expert-sorted blocks, not through a backend
-            # kernel (keras_moe.ops.grouped) that a converter may not know.
+            # Portable ops only: no backend kernel (keras_moe.ops.grouped).
             with grouped.use_kernels(False):
                 model.export(path, format="tf_saved_model", verbose=verbose,
                              input_signature=input_signature)

@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_moe.layers._multitask import (
     as_compute_dtype,
-    check_last_dim,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
     normalize_rows,
@@ -275,9 +275,8 @@ class CGC(keras.layers.Layer):
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
         task_inputs, shared_input = self._split_inputs(inputs)
-        check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
         expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
-        check_last_dim(self, tuple(shared_input.shape), expected)
+        check_call_input(self, shared_input.shape, expected)
         t, m, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
         view = pipeline.token_view(shared_input, _one_mask(mask), self.name)
         shared_tokens, valid = view.tokens, view.valid

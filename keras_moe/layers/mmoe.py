@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._multitask import (
-    check_last_dim,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
     normalize_rows,
@@ -335,8 +335,7 @@ class MultiGateMoE(keras.layers.Layer):
         return outputs, routing
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
-        check.token_input_shape(type(self).__name__, tuple(inputs.shape))
-        check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
+        check_call_input(self, inputs.shape, self.experts.kernel_in.shape[1])
         view = pipeline.token_view(inputs, mask, self.name, self.compute_dtype)
         tokens, valid = view.tokens, view.valid
         if self.sparse:

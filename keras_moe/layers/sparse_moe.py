@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._groups import group_terms, init_group_options
+from keras_moe.layers._multitask import check_call_input
 from keras_moe.layers._router_options import (
     check_causal_router,
     make_router,
@@ -268,6 +269,11 @@ class SparseMoE(keras.layers.Layer):
         """Experts per token: the router's `k` (stored there only)."""
         return self.router.k
 
+    @property
+    def seed(self):
+        """The default router's noise seed (`None` with a custom router)."""
+        return None if self.custom_router else self.router.seed
+
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         d = input_shape[-1]
@@ -299,16 +305,6 @@ class SparseMoE(keras.layers.Layer):
             else None
         )
 
-    def _check_call_input(self, inputs):
-        shape = tuple(inputs.shape)
-        check.token_input_shape(type(self).__name__, shape)
-        expected = self.experts.kernel_in.shape[1]
-        if shape[-1] != expected:
-            raise ValueError(
-                f"{self.name}: the last input dimension must be {expected}, "
-                f"as when the layer was built. Received: input shape {shape}"
-            )
-
     def _layout(self, tensor, name):
         return constrain(tensor, self, name)
 
@@ -321,7 +317,7 @@ class SparseMoE(keras.layers.Layer):
         mask=None,
         groups=None,
     ):
-        self._check_call_input(inputs)
+        check_call_input(self, inputs.shape, self.experts.kernel_in.shape[1])
         view = pipeline.token_view(inputs, mask, self.name, self.compute_dtype)
         router_tokens = view.tokens
         if routing_inputs is not None and full_rank(routing_inputs, view.shape):
