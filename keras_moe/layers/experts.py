@@ -222,9 +222,9 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
         d = input_shape[-1]
         e, h = self.num_experts, self.hidden_dim
         o = self.output_dim or d
-        for shape in ((e, d, h), (e, h, o)):
+        for name, shape in (("kernel_in", (e, d, h)), ("kernel_out", (e, h, o))):
             check.weight_elements(
-                self.name, "kernel", shape, num_experts=e, input_dim=d,
+                self.name, name, shape, num_experts=e, input_dim=d,
                 hidden_dim=h, output_dim=o,
             )
         kernel_init = per_expert_initializer(self.kernel_initializer, e)
