@@ -28,10 +28,25 @@ Variants (each includes the ones above it):
   per-block copy of the expert weights.
 - `blocks`: the same with each block's own expert weights
   (`Experts.call_blocks`, which copies `d x h` weights per block).
-- `dropless`: the `SparseMoE(capacity_factor=None)` layer itself.
+- `dropless`: the `SparseMoE(capacity_factor=None)` layer itself (on the
+  grouped path where a grouped-matmul kernel runs: torch eager, TensorFlow
+  without XLA; on the block path elsewhere).
+
+The grouped path (`keras_moe.ops.grouped_matmul`), part by part (on top of
+`router`):
+
+- `pairs_ffn`: the FFN's FLOPs on exactly the `N k` pair rows (the tokens
+  `k` times, one weight set, no padding, no routing): the floor of an exact
+  dropless step whose matmuls are `N k` rows high.
+- `g_plan`: `router` plus the expert sort (`make_block_plan(block_size=1)`).
+- `g_gathers`: plus tokens to sorted rows and back around identity experts.
+- `grouped`: plus `Experts.call_grouped` (each expert's weights on its
+  rows, one grouped matmul per weight).
 
 Usage:
     python benchmarks/dropless_profile.py --tokens 4096 --experts 8,64 --k 2
+    python benchmarks/dropless_profile.py --variants grouped \
+        --backends torch,tensorflow-graph
 """
 
 import argparse
@@ -48,6 +63,8 @@ VARIANTS = (
     "ffn", "ffn_rows", "router", "plan", "gathers", "blocks_shared", "blocks",
     "dropless",
 )
+GROUPED_VARIANTS = ("ffn", "pairs_ffn", "router", "g_plan", "g_gathers", "grouped",
+                    "dropless")
 
 
 def ints(text):
@@ -59,13 +76,14 @@ def make_variant(keras, name, n, d, h, e, k):
 
     from keras_moe import ops as moe_ops
     from keras_moe.layers import Experts, SparseMoE, TopKRouter
+    from keras_moe.ops.pipeline import run_plan
 
     block_size = moe_ops.default_block_size(n * k, e)
     num_rows = moe_ops.row_budget(n * k, e, block_size)
 
     class Part(keras.layers.Layer):
         def build(self, input_shape):
-            if name == "ffn_rows":
+            if name in ("ffn_rows", "pairs_ffn"):
                 self.w1 = self.add_weight(shape=(d, h), initializer="glorot_uniform")
                 self.w2 = self.add_weight(shape=(h, d), initializer="glorot_uniform")
                 return
@@ -74,7 +92,7 @@ def make_variant(keras, name, n, d, h, e, k):
             if name == "blocks_shared":
                 self.w1 = self.add_weight(shape=(d, h), initializer="glorot_uniform")
                 self.w2 = self.add_weight(shape=(h, d), initializer="glorot_uniform")
-            if name == "blocks":
+            if name in ("blocks", "grouped"):
                 self.experts = Experts(e, h)
                 self.experts.build((e, None, d))
 
@@ -86,10 +104,25 @@ def make_variant(keras, name, n, d, h, e, k):
                 )
                 y = ops.matmul(keras.activations.gelu(ops.matmul(rows, self.w1)), self.w2)
                 return sum(y[j * n:(j + 1) * n] for j in range(k))
+            if name == "pairs_ffn":
+                rows = ops.concatenate([x] * k, axis=0)
+                y = ops.matmul(keras.activations.gelu(ops.matmul(rows, self.w1)), self.w2)
+                return sum(y[j * n:(j + 1) * n] for j in range(k))
             routing = self.router(x, training=training)
             weights = routing["combine_weights"]
             if name == "router":
                 return x * ops.sum(weights, axis=-1, keepdims=True)
+            if name.startswith("g") and name != "gathers":
+                plan = moe_ops.make_block_plan(routing["expert_index"], e, 1)
+                plan = dict(plan, path="grouped", num_experts=e)
+                if name == "g_plan":
+                    used = ops.cast(ops.sum(plan["row_pair"]) + ops.sum(plan["counts"]),
+                                    x.dtype)
+                    return x * ops.sum(weights, axis=-1, keepdims=True) + 0.0 * used
+                if name == "g_gathers":
+                    rows = moe_ops.block_dispatch(x, plan, custom_gradient=True)
+                    return moe_ops.block_combine(rows, plan, weights, custom_gradient=True)
+                return run_plan(x, plan, weights, self.experts, training=True)
             plan = moe_ops.make_block_plan(routing["expert_index"], e, block_size)
             if name == "plan":
                 used = ops.cast(ops.sum(plan["row_pair"]) + ops.sum(plan["block_expert"]), x.dtype)
@@ -153,10 +186,12 @@ def main():
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="or 'grouped': " + ",".join(GROUPED_VARIANTS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.variants = args.variants.split(",")
+    args.variants = (list(GROUPED_VARIANTS) if args.variants == "grouped"
+                     else args.variants.split(","))
     if "ffn" not in args.variants:
         args.variants.insert(0, "ffn")
     if args.worker:
