@@ -29,7 +29,7 @@ from keras_moe.ops.dropless import (
     row_budget,
     run_blocks,
 )
-from keras_moe.ops.selection import top_k
+from keras_moe.ops.selection import limit_to_top_groups, top_k
 
 __all__ = [
     "BlockPlan",
@@ -46,6 +46,7 @@ __all__ = [
     "entropy_losses",
     "group_expert_load",
     "group_load_balancing_loss",
+    "limit_to_top_groups",
     "compute_capacity",
     "dense_gates",
     "dispatch",
