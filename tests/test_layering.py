@@ -34,6 +34,7 @@ ROWS = (
             "keras_moe.export",
             "keras_moe.distribution",
             "keras_moe.interop",
+            "keras_moe.resizing",
             "keras_moe.upcycling",
             "keras_moe.testing",
         ),

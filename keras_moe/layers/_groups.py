@@ -13,7 +13,9 @@ def init_group_options(layer, num_groups, group_names, group_balance_weight,
                        global_entropy_threshold):
     """Validates a `SparseMoE`'s group options and sets them on `layer`."""
     layer.num_groups = (
-        None if num_groups is None else check.positive_int("num_groups", num_groups)
+        None
+        if num_groups is None
+        else check.positive_int("num_groups", num_groups, check.MAX_TASKS)
     )
     layer.group_balance_weight = check.non_negative_float(
         "group_balance_weight", group_balance_weight

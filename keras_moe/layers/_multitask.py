@@ -5,9 +5,13 @@ import keras
 from keras import ops
 
 from keras_moe.layers.routers import default_router_initializer
+from keras_moe.utils import validation as check
+
 
 def gate_initializer(value):
-    return keras.initializers.get(value or default_router_initializer())
+    return check.initializer(
+        "gate_kernel_initializer", value or default_router_initializer()
+    )
 
 
 def fresh_initializer(initializer, offset):
@@ -52,3 +56,10 @@ def check_last_dim(layer, shape, expected):
             f"{layer.name}: the last input dimension must be {expected}, as "
             f"when the layer was built. Received: input shape {tuple(shape)}"
         )
+
+
+def check_call_input(layer, shape, expected):
+    """A token layer's call input: rank >= 2 with the last dimension it was
+    built for, `expected`."""
+    check.token_input_shape(type(layer).__name__, tuple(shape))
+    check_last_dim(layer, tuple(shape), expected)

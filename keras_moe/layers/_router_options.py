@@ -21,7 +21,12 @@ def pop_router_options(kwargs):
     """Takes the default router's options (`ROUTER_OPTIONS`) out of a
     layer's `**kwargs`; `None` values count as not given."""
     options = {name: kwargs.pop(name) for name in ROUTER_OPTIONS if name in kwargs}
-    return {name: value for name, value in options.items() if value is not None}
+    options = {name: value for name, value in options.items() if value is not None}
+    if "router_kernel_initializer" in options:  # named as the layer calls it
+        check.initializer(
+            "router_kernel_initializer", options["router_kernel_initializer"]
+        )
+    return options
 
 
 def router_options_config(router):

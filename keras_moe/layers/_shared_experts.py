@@ -12,12 +12,14 @@ def init_shared_options(layer, num_shared_experts, shared_hidden_dim,
                         shared_expert_gate):
     """Validates a `SparseMoE`'s shared-expert options, sets them on `layer`."""
     layer.num_shared_experts = check.non_negative_int(
-        "num_shared_experts", num_shared_experts
+        "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
     )
     layer.shared_hidden_dim = (
         None
         if shared_hidden_dim is None
-        else check.positive_int("shared_hidden_dim", shared_hidden_dim)
+        else check.positive_int(
+            "shared_hidden_dim", shared_hidden_dim, check.MAX_WIDTH
+        )
     )
     layer.shared_expert_gate = (
         None

@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_moe.layers._multitask import (
     as_compute_dtype,
-    check_last_dim,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
     normalize_rows,
@@ -148,12 +148,12 @@ class CGC(LoraBanks, keras.layers.Layer):
         expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
         self.num_task_experts = check.non_negative_int(
-            "num_task_experts", num_task_experts
+            "num_task_experts", num_task_experts, check.MAX_EXPERTS
         )
         self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
+            "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
         )
         per_gate = self.num_task_experts + self.num_shared_experts
         if per_gate == 0:
@@ -180,6 +180,11 @@ class CGC(LoraBanks, keras.layers.Layer):
         self.task_names = check.task_names(task_names, self.num_tasks)
         self.total_experts = self.num_tasks * self.num_task_experts + (
             self.num_shared_experts
+        )
+        check.positive_int(
+            "num_tasks * num_task_experts + num_shared_experts",
+            self.total_experts,
+            check.MAX_EXPERTS,
         )
         self.task_experts = (
             make_experts(
@@ -271,9 +276,8 @@ class CGC(LoraBanks, keras.layers.Layer):
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
         task_inputs, shared_input = self._split_inputs(inputs)
-        check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
         expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
-        check_last_dim(self, tuple(shared_input.shape), expected)
+        check_call_input(self, shared_input.shape, expected)
         t, m, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
         view = pipeline.token_view(shared_input, _one_mask(mask), self.name)
         shared_tokens, valid = view.tokens, view.valid

@@ -180,12 +180,14 @@ class Experts(Int8ExpertsMixin, LoraExpertsMixin, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
         self.output_dim = (
             None
             if output_dim is None
-            else check.positive_int("output_dim", output_dim)
+            else check.positive_int("output_dim", output_dim, check.MAX_WIDTH)
         )
         if isinstance(quantization_config, dict):
             quantization_config = keras.saving.deserialize_keras_object(
@@ -193,7 +195,7 @@ class Experts(Int8ExpertsMixin, LoraExpertsMixin, keras.layers.Layer):
             )
         self.quantization_config = quantization_config
         self.activation = activations.get(activation)
-        self.gated = bool(gated)
+        self.gated = check.boolean("gated", gated)
         self.glu_limit = (
             None if glu_limit is None else check.positive_float("glu_limit", glu_limit)
         )
@@ -206,12 +208,16 @@ class Experts(Int8ExpertsMixin, LoraExpertsMixin, keras.layers.Layer):
                 f"gated=True. Received: glu_limit={glu_limit!r}, "
                 f"glu_linear_offset={glu_linear_offset!r}, gated={gated!r}"
             )
-        self.output_scale = bool(output_scale)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.output_scale = check.boolean("output_scale", output_scale)
+        self.use_bias = check.boolean("use_bias", use_bias)
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = check.initializer("bias_initializer", bias_initializer)
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = check.regularizer("bias_regularizer", bias_regularizer)
         self._init_lora(lora_rank, lora_alpha)
         self.expert_dropout = check.dropout_rate("expert_dropout", expert_dropout)
         if self.expert_dropout:
@@ -240,6 +246,11 @@ class Experts(Int8ExpertsMixin, LoraExpertsMixin, keras.layers.Layer):
         d = input_shape[-1]
         e, h = self.num_experts, self.hidden_dim
         o = self.output_dim or d
+        for name, shape in (("kernel_in", (e, d, h)), ("kernel_out", (e, h, o))):
+            check.weight_elements(
+                self.name, name, shape, num_experts=e, input_dim=d,
+                hidden_dim=h, output_dim=o,
+            )
         kernel_init = per_expert_initializer(self.kernel_initializer, e)
 
         def kernel(name, shape):

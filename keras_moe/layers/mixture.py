@@ -192,7 +192,9 @@ class MixtureOfExperts(keras.layers.Layer):
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
-        self.attention_dim = check.positive_int("attention_dim", attention_dim)
+        self.attention_dim = check.positive_int(
+            "attention_dim", attention_dim, maximum=check.MAX_WIDTH
+        )
         gate = _revive(gate)
         self.custom_gate = gate is not None
         if gate is None:

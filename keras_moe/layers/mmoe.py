@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._multitask import (
-    check_last_dim,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
     normalize_rows,
@@ -153,8 +153,10 @@ class MultiGateMoE(LoraBanks, keras.layers.Layer):
         expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
@@ -334,8 +336,7 @@ class MultiGateMoE(LoraBanks, keras.layers.Layer):
         return outputs, routing
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
-        check.token_input_shape(type(self).__name__, tuple(inputs.shape))
-        check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
+        check_call_input(self, inputs.shape, self.experts.kernel_in.shape[1])
         view = pipeline.token_view(inputs, mask, self.name, self.compute_dtype)
         tokens, valid = view.tokens, view.valid
         if self.sparse:

@@ -109,8 +109,8 @@ class PLE(LoraBanks, keras.layers.Layer):
         expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_levels = check.positive_int("num_levels", num_levels)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
+        self.num_levels = check.positive_int("num_levels", num_levels, check.MAX_LEVELS)
         hidden = check.int_per_level("hidden_dim", hidden_dim, self.num_levels)
         outs = check.int_per_level(
             "output_dim", output_dim, self.num_levels, allow_none=True

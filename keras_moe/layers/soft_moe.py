@@ -14,6 +14,7 @@ from keras_moe.layers.expert_bank import (
     quantized_dtype_config,
 )
 from keras_moe.utils import validation as check
+from keras_moe.utils.tensors import softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -90,14 +91,18 @@ class SoftMoE(LoraBanks, keras.layers.Layer):
         expert_options = pop_expert_options(kwargs)
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
-        self.slots_per_expert = check.positive_int("slots_per_expert", slots_per_expert)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
+        self.slots_per_expert = check.positive_int(
+            "slots_per_expert", slots_per_expert, check.MAX_EXPERTS
+        )
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
         self.normalize = check.boolean("normalize", normalize)
-        self.slot_initializer = keras.initializers.get(slot_initializer)
+        self.slot_initializer = check.initializer("slot_initializer", slot_initializer)
         self.experts = make_experts(
             self, self.num_experts, self.hidden_dim, expert_options, self.output_dim
         )
@@ -115,6 +120,10 @@ class SoftMoE(LoraBanks, keras.layers.Layer):
     def build(self, input_shape):
         d = self._check_shape(input_shape)[-1]
         num_slots = self.num_experts * self.slots_per_expert
+        check.weight_elements(
+            self.name, "slot_kernel", (d, num_slots), input_dim=d,
+            num_experts=self.num_experts, slots_per_expert=self.slots_per_expert,
+        )
         self.slot_kernel = self.add_weight(
             name="slot_kernel", shape=(d, num_slots), initializer=self.slot_initializer
         )
@@ -149,12 +158,12 @@ class SoftMoE(LoraBanks, keras.layers.Layer):
             inputs = ops.where(mask[..., None], inputs, ops.zeros_like(inputs))
         logits = ops.cast(self.logits(inputs), "float32")
         if mask is None:
-            dispatch = ops.softmax(logits, axis=1)
+            dispatch = softmax(logits, axis=1)
         else:
-            dispatch = ops.softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
+            dispatch = softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
             dispatch = ops.where(mask[..., None], dispatch, 0.0)
         dispatch = ops.cast(dispatch, inputs.dtype)
-        combine = ops.softmax(logits, axis=2)
+        combine = softmax(logits, axis=2)
         slots = ops.einsum("bts,btd->bsd", dispatch, inputs)  # (B, E*S, d)
         batch = ops.shape(inputs)[0]
         per_expert = ops.reshape(slots, (batch, e, s, shape[-1]))

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._groups import group_terms, init_group_options
+from keras_moe.layers._multitask import check_call_input
 from keras_moe.layers._router_options import (
     check_causal_router,
     make_router,
@@ -85,15 +86,17 @@ class SparseMoE(LoraBanks, keras.layers.Layer):
     Args:
         num_experts: `E`, number of experts.
         hidden_dim: hidden width of each expert.
-        k: experts per token (`1` is Switch routing); default 2, or the
-            router's `k` when `router` is given.
+        k: experts per token (`1` is Switch routing). `None` (the
+            default in the signature) means 2, or the router's `k` when
+            `router` is given.
         output_dim: output width; defaults to the input width.
         capacity_factor: training capacity factor (> 0) or `None`
             (dropless); default 1.25.
         eval_capacity_factor: inference capacity factor (> 0) or `None`
             (dropless, the default).
         dispatch: `"sparse"` or `"dense"`.
-        block_size: rows per block of the dropless block path; `None`
+        block_size: rows per block of the dropless block path, at most 4096
+            (a call computes up to `E (block_size - 1)` padding rows); `None`
             (default) picks one per shape (`keras_moe.ops.default_block_size`).
         num_shared_experts: experts that every token uses, added to the
             routed mixture (DeepSeekMoE, Dai et al. 2024); default 0.
@@ -215,8 +218,10 @@ class SparseMoE(LoraBanks, keras.layers.Layer):
         router_options = pop_router_options(kwargs)
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
@@ -265,6 +270,11 @@ class SparseMoE(LoraBanks, keras.layers.Layer):
         """Experts per token: the router's `k` (stored there only)."""
         return self.router.k
 
+    @property
+    def seed(self):
+        """The default router's noise seed (`None` with a custom router)."""
+        return None if self.custom_router else self.router.seed
+
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
         d = input_shape[-1]
@@ -296,16 +306,6 @@ class SparseMoE(LoraBanks, keras.layers.Layer):
             else None
         )
 
-    def _check_call_input(self, inputs):
-        shape = tuple(inputs.shape)
-        check.token_input_shape(type(self).__name__, shape)
-        expected = self.experts.kernel_in.shape[1]
-        if shape[-1] != expected:
-            raise ValueError(
-                f"{self.name}: the last input dimension must be {expected}, "
-                f"as when the layer was built. Received: input shape {shape}"
-            )
-
     def _layout(self, tensor, name):
         return constrain(tensor, self, name)
 
@@ -318,7 +318,7 @@ class SparseMoE(LoraBanks, keras.layers.Layer):
         mask=None,
         groups=None,
     ):
-        self._check_call_input(inputs)
+        check_call_input(self, inputs.shape, self.experts.kernel_in.shape[1])
         view = pipeline.token_view(inputs, mask, self.name, self.compute_dtype)
         router_tokens = view.tokens
         if routing_inputs is not None and full_rank(routing_inputs, view.shape):

@@ -10,7 +10,11 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import dispatching
-from keras_moe.utils.tensors import flat_mask
+from keras_moe.utils.tensors import flat_mask, softmax
+
+# Sinkhorn iterations are unrolled into the graph: a ceiling keeps an edited
+# file from building a graph of millions of ops (BASE used a few).
+MAX_ITERATIONS = 1000
 
 
 def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
@@ -175,7 +179,9 @@ class BalancedAssignmentRouter(Router):
         training: balanced assignment (True) or greedy argmax.
         mask: optional bool, `inputs.shape[:-1]` or `(N,)`: tokens that
             count; the balanced assignment is over those only (masked
-            tokens get expert 0 and take no room).
+            tokens get expert 0 and take no room). Tokens with a NaN or
+            Inf affinity are left out in the same way, so that they change
+            no other token's expert.
 
     Returns:
         A `RoutingResult` with `expert_index` `(..., 1)` int32, `combine_weights`
@@ -211,15 +217,17 @@ class BalancedAssignmentRouter(Router):
     ):
         # One expert per token: k is fixed, not an argument.
         super().__init__(num_experts, k=1, **kwargs)
-        self.num_iterations = check.non_negative_int("num_iterations", num_iterations)
+        self.num_iterations = check.non_negative_int(
+            "num_iterations", num_iterations, maximum=MAX_ITERATIONS
+        )
         temperature = check.non_negative_float("temperature", temperature)
         if temperature == 0:
             raise ValueError(
                 f"temperature must be > 0. Received: temperature={temperature!r}"
             )
         self.temperature = temperature
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
 
     def build(self, input_shape):
@@ -250,8 +258,16 @@ class BalancedAssignmentRouter(Router):
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         affinities = self.linear_logits(tokens)  # (N, E)
         if training:
-            mask = flat_mask(mask)
-            expert = self.balanced_assignment(affinities, mask=mask)
+            # A token whose affinities are not finite (a NaN or Inf feature)
+            # is left out of the assignment like padding: in it, the
+            # standardisation and the transport would spread NaN to every
+            # token. It keeps expert 0 and its NaN stays in its own output.
+            finite = ops.all(ops.isfinite(affinities), axis=-1)
+            if mask is not None:
+                finite = ops.logical_and(
+                    flat_mask(mask), finite
+                )
+            expert = self.balanced_assignment(affinities, mask=finite)
         else:
             expert = ops.cast(ops.argmax(affinities, axis=-1), "int32")
         expert_index = expert[:, None]
@@ -261,7 +277,7 @@ class BalancedAssignmentRouter(Router):
             expert_index=ops.reshape(expert_index, lead + (1,)),
             combine_weights=ops.reshape(ops.sigmoid(chosen), lead + (1,)),
             probs=ops.reshape(
-                ops.softmax(affinities, axis=-1), lead + (self.num_experts,)
+                softmax(affinities, axis=-1), lead + (self.num_experts,)
             ),
             logits=ops.reshape(affinities, lead + (self.num_experts,)),
         )

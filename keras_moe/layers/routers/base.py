@@ -18,7 +18,7 @@ from keras_moe.utils import validation as check
 from keras_moe.ops import balancing, selection
 from keras_moe.ops.planning import accepts_mask  # noqa: F401 (re-exported)
 from keras_moe.utils import keras_internals
-from keras_moe.utils.tensors import flat_mask
+from keras_moe.utils.tensors import flat_mask, softmax
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
 
@@ -249,7 +249,9 @@ class Router(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, maximum=check.MAX_EXPERTS
+        )
         self.k = check.k_for_experts(k, self.num_experts)
 
     @property
@@ -305,7 +307,7 @@ class Router(keras.layers.Layer):
         unweighted `load_balance_loss` (Switch) and `z_loss` (ST-MoE) over
         the tokens of `mask` (all by default)."""
         logits = ops.cast(logits, self.compute_dtype)
-        probs = ops.softmax(logits, axis=-1)
+        probs = softmax(logits, axis=-1)
         weights, expert_index = selection.top_k_routing(probs, self.k)
         e = self.num_experts
         mask = flat_mask(mask)

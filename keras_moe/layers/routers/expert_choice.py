@@ -110,12 +110,14 @@ class ExpertChoiceRouter(Router):
         **kwargs,
     ):
         super().__init__(num_experts, k=k, **kwargs)
-        self.use_bias = bool(use_bias)
+        self.use_bias = check.boolean("use_bias", use_bias)
         self.z_loss_weight = check.non_negative_float("z_loss_weight", z_loss_weight)
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
 
     def build(self, input_shape):
         if self.built:

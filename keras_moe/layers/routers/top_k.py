@@ -11,7 +11,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import balancing, dispatching, selection
-from keras_moe.utils.tensors import flat_mask
+from keras_moe.utils.tensors import flat_mask, softmax
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 INPUT_NORMS = ("rms",)
@@ -177,15 +177,18 @@ class TopKRouter(Router):
         self.score_function = check.one_of(
             "score_function", score_function, SCORE_FUNCTIONS
         )
-        self.noisy_gating = bool(noisy_gating)
-        if renormalize not in (True, False, "always"):
-            raise ValueError(
-                "renormalize must be True, False or 'always'. Received: "
-                f"renormalize={renormalize!r}"
-            )
-        self.renormalize = renormalize if renormalize == "always" else bool(renormalize)
-        self.batch_prioritized = bool(batch_prioritized)
-        self.use_bias = bool(use_bias)
+        self.noisy_gating = check.boolean("noisy_gating", noisy_gating)
+        if not (isinstance(renormalize, str) and renormalize == "always"):
+            try:
+                renormalize = check.boolean("renormalize", renormalize)
+            except ValueError:
+                raise ValueError(
+                    "renormalize must be True, False or 'always'. Received: "
+                    f"renormalize={renormalize!r}"
+                ) from None
+        self.renormalize = renormalize
+        self.batch_prioritized = check.boolean("batch_prioritized", batch_prioritized)
+        self.use_bias = check.boolean("use_bias", use_bias)
         self.input_norm = None if input_norm is None else check.one_of(
             "input_norm", input_norm, INPUT_NORMS
         )
@@ -195,7 +198,9 @@ class TopKRouter(Router):
         self.input_multiplier = check.finite_float(
             "input_multiplier", input_multiplier
         )
-        self.learned_input_scale = bool(learned_input_scale)
+        self.learned_input_scale = check.boolean(
+            "learned_input_scale", learned_input_scale
+        )
         for name, value in (
             ("load_balance_weight", load_balance_weight),
             ("importance_weight", importance_weight),
@@ -210,11 +215,13 @@ class TopKRouter(Router):
                 f"noisy_gating=True. Received: load_weight={load_weight}, "
                 "noisy_gating=False"
             )
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.seed = seed
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.seed = check.seed("seed", seed)
         self.jitter_noise = check.dropout_rate("jitter_noise", jitter_noise)
         self._init_groups(num_expert_groups, top_expert_groups)
         if self.noisy_gating or self.jitter_noise:
@@ -317,7 +324,7 @@ class TopKRouter(Router):
         clean, noisy, noise_std = self.compute_logits(inputs, training=training)
         logits = clean if noisy is None else noisy
         if self.score_function == "softmax":
-            scores = ops.softmax(logits, axis=-1)
+            scores = softmax(logits, axis=-1)
             probs = scores
         else:
             scores = ops.sigmoid(logits)
