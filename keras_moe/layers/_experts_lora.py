@@ -153,6 +153,7 @@ class LoraExpertsMixin:
                 f"{dict(zip(names, shapes))}"
             )
         e = self.num_experts
+        base = list(self.weights)  # frozen below (the factors train)
         ins = [shape[1] for shape in shapes]
         outs = [shape[2] for shape in shapes]
         # float32 factors whatever the policy, as Keras' Dense: the updates
@@ -171,7 +172,7 @@ class LoraExpertsMixin:
             dtype="float32",
             regularizer=self.kernel_regularizer,
         )
-        for variable in self._lora_base_variables():
+        for variable in base:
             variable.trainable = False
         self.lora_enabled = True
         self.lora_rank = rank
@@ -181,10 +182,6 @@ class LoraExpertsMixin:
         if not self.lora_enabled:
             return []
         return [self.lora_kernel_a, self.lora_kernel_b]
-
-    def _lora_base_variables(self):
-        lora = {id(v) for v in self._lora_variables()}
-        return [v for v in self.weights if id(v) not in lora]
 
     def _lora_slice(self, kernel):
         """`(a0, a1, b0, b1)`: `kernel`'s rows of `lora_kernel_a` and

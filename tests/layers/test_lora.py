@@ -78,12 +78,13 @@ def _paths(bank, x):
     e, c, d = x.shape
     rows = x.reshape(e * c, d)
     experts = np.arange(e, dtype="int32")
+    buffers = to_numpy(bank(x))  # builds the bank
     blocks = to_numpy(bank.call_blocks(rows, experts, c)).reshape(e, c, -1)
     grouped = bank.call_grouped(
         rows, np.full((e,), c, "int32"), np.repeat(experts, c)
     )
     return {
-        "buffers": to_numpy(bank(x)),
+        "buffers": buffers,
         "blocks": blocks,
         "grouped": to_numpy(grouped).reshape(e, c, -1),
     }
