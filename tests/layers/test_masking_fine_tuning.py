@@ -1,6 +1,7 @@
-"""The masking property (tests/layers/test_masking.py) for the options of
-issue 34: LoRA-enabled banks, group-limited routing, router jitter and
-expert dropout.
+"""The masking property (tests/layers/test_masking.py) for the random
+training options of issue 34: router jitter and expert dropout (with LoRA
+banks). LoRA banks and group-limited routing are rows of the case tables in
+tests/conftest.py, which tests/layers/test_masking.py runs.
 
 In inference, appending padding changes no real token's output, loss or
 statistic. In training, jitter and dropout draw random numbers, so the
@@ -22,15 +23,6 @@ from keras_moe.layers.expert_bank import expert_banks
 D = 6
 
 FAMILIES = {
-    "lora_capacity_shared": lambda: SparseMoE(
-        4, 8, k=2, capacity_factor=0.75, eval_capacity_factor=0.75,
-        num_shared_experts=1, lora_rank=2,
-    ),
-    "group_limited_sigmoid_bias": lambda: SparseMoE(
-        8, 8, capacity_factor=1.0, eval_capacity_factor=1.0,
-        router=TopKRouter(8, k=2, num_expert_groups=4, top_expert_groups=2,
-                          score_function="sigmoid", bias_update_rate=0.01),
-    ),
     "jitter_capacity": lambda: SparseMoE(
         4, 8, k=2, capacity_factor=0.75, eval_capacity_factor=0.75,
         router=TopKRouter(4, k=2, jitter_noise=0.2, z_loss_weight=0.1),

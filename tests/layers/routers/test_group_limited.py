@@ -1,7 +1,9 @@
 """TopKRouter options of issue 34: DeepSeek-V3's group-limited routing
 (`num_expert_groups`, `top_expert_groups`) against a NumPy reference, with
 the selection bias and pruning; router jitter; `from_keras_hub` ports
-Mixtral's jitter."""
+Mixtral's jitter. The router contract, Keras's harness, masking, int8,
+pruning and NaN isolation run on the rows `top2_group_limited_sigmoid_bias`
+and `top2_jitter` of ROUTER_CASES (tests/conftest.py)."""
 
 import warnings
 
@@ -12,7 +14,6 @@ import pytest
 from keras_moe import ops as moe_ops
 from keras_moe.compression import prune_experts
 from keras_moe.layers import SparseMoE, TopKRouter
-from keras_moe.testing import run_layer_test
 from tests.conftest import to_numpy, tokens
 
 
@@ -65,18 +66,6 @@ def test_one_group_kept_with_softmax_scores():
     # Group sums of the top two: 0.6, 0.5, 0.9 -> the third group only.
     np.testing.assert_array_equal(
         limited, [[-np.inf, -np.inf, -np.inf, -np.inf, 0.9, 0.0]]
-    )
-
-
-def test_layer_contract_with_groups_and_jitter():
-    run_layer_test(
-        TopKRouter,
-        dict(num_experts=6, k=2, num_expert_groups=3, top_expert_groups=2,
-             jitter_noise=0.05, seed=3, score_function="sigmoid"),
-        tokens((5, 4)),
-        expected_output_shape=(5, 2),
-        expected_num_trainable_weights=1,
-        output_selector=lambda routing: routing["combine_weights"],
     )
 
 
