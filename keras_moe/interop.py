@@ -14,15 +14,13 @@ The supported blocks (keras-hub 0.32) and what they map to, for a token `x`:
 
 | keras-hub block | router | experts | extra |
 |---|---|---|---|
-| `MixtralSparseMoeBlock` | softmax, top-k, renormalised | SwiGLU | - |
+| `MixtralSparseMoeBlock` | softmax, top-k, renormalised, jitter in training | SwiGLU | - |
 | `Qwen3SparseMoeBlock` | softmax, top-k, renormalised if `norm_top_k_prob` | SwiGLU (fused gate/up kernel) | - |
 | `QwenSparseMoeBlock` (Qwen1.5/2-MoE) | as Qwen3 | SwiGLU (fused) | a sigmoid-gated shared SwiGLU expert of its own width |
 | `Qwen3_5MoeSparseMoeBlock` | softmax, top-k, renormalised | SwiGLU (fused) | as Qwen-MoE |
 | `GptOssSparseMoeBlock` | biased logits, top-k, softmax over the k | clamped GLU with biases (interleaved gate/up) | - |
 | Gemma 4 (`Gemma4TextDecoderBlock` with `enable_moe_block`, or its `(moe_router, moe_expert_bank)`) | RMS-normalised, `d^-0.5`- and learned-scaled inputs | GeGLU (tanh gelu), per-expert output scale | the router sees the raw `x`, the experts the normalised one |
 """
-
-import warnings
 
 import keras
 import numpy as np
@@ -72,20 +70,19 @@ def _mlp_weights(mlp):
 
 
 def _mixtral(block):
-    if block.router_jitter_noise:
-        warnings.warn(
-            f"{block.name}: Mixtral's router jitter noise "
-            f"(router_jitter_noise={block.router_jitter_noise}, training "
-            "only) is not ported: the ported layer routes without it.",
-            stacklevel=3,
-        )
+    # Router jitter (training only) goes to the router's input; keras-hub's
+    # block also feeds the jittered states to the experts (docs/porting.md).
     bank = block.expert_bank
     return dict(
         num_experts=block.num_experts,
         hidden_dim=block.intermediate_dim,
         k=block.top_k,
         activation=keras.activations.serialize(bank.activation),
-        router=dict(renormalize="always", load_balance_weight=block.router_aux_loss_coef),
+        router=dict(
+            renormalize="always",
+            load_balance_weight=block.router_aux_loss_coef,
+            jitter_noise=float(block.router_jitter_noise),
+        ),
         router_weights={"kernel": _numpy(block._sparse_feedforward_gate_dense.kernel)},
         expert_weights=_swiglu_bank(
             _numpy(bank._expert_feedforward_gate_dense),

@@ -322,6 +322,11 @@ def merge_experts(moe, groups=None, num_experts=None, usage=None, router="logsum
         )
     if moe.experts.quantization_mode is not None:
         raise ValueError("merge_experts needs float expert banks, not int8 ones.")
+    if moe.experts.lora_enabled:
+        raise ValueError(
+            "merge_experts cannot average LoRA factors (the mean of A B is not "
+            "the product of the means): merge the experts without LoRA."
+        )
     e = moe.num_experts
     if usage is None:
         usage = np.asarray(ops.convert_to_numpy(moe.expert_load), "float64")

@@ -555,6 +555,24 @@ ROUTER_CASES = (
         without={MASKING: "its training noise is drawn for the whole batch, so "
                  "padding changes the real tokens' draws"},
     ),
+    # Issue 34: DeepSeek-V3's group-limited routing (2 groups of E / 2
+    # experts, the best one kept; pruning keeps 2 experts in each group of
+    # 3) and Mixtral's router jitter.
+    RouterCase(
+        "top2_group_limited_sigmoid_bias", moe_layers.TopKRouter,
+        dict(k=2, num_expert_groups=2, top_expert_groups=1,
+             score_function="sigmoid", bias_update_rate=0.01),
+        harness=FLOAT32_ROUTING_DICT, unreachable=_kernel_columns,
+        prune_keep=(0, 1, 3, 4),
+    ),
+    RouterCase(
+        "top2_jitter", moe_layers.TopKRouter,
+        dict(k=2, jitter_noise=0.2, seed=5, z_loss_weight=0.1),
+        harness=FLOAT32_ROUTING_DICT, unreachable=_kernel_columns,
+        without={MASKING: "its training jitter is drawn for the whole batch, so "
+                 "padding changes the real tokens' draws; "
+                 "tests/layers/test_masking_fine_tuning.py checks it instead"},
+    ),
     RouterCase(
         "expert_choice", moe_layers.ExpertChoiceRouter,
         dict(k=2, z_loss_weight=0.1, use_bias=True),
@@ -712,6 +730,12 @@ LAYER_FAMILIES = (
         dict(num_experts=4, hidden_dim=8, k=2, capacity_factor=None,
              num_shared_experts=1, z_loss_weight=0.1),
         TOKENS, harness=dict(supports_masking=True), mask_gradients=True,
+    ),
+    LayerCase(
+        "sparse_moe_lora_shared", moe_layers.SparseMoE,
+        dict(num_experts=4, hidden_dim=8, k=2, capacity_factor=0.75,
+             eval_capacity_factor=0.75, num_shared_experts=1, lora_rank=2),
+        TOKENS, harness=dict(supports_masking=True),
     ),
     LayerCase(
         "soft_moe", moe_layers.SoftMoE,

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_moe.layers._experts_lora import LORA_NAMES, buffers_matmul
 from keras_moe.utils.keras_internals import mark_quantized, untrack_variable
 
 # The kernels of an expert bank, in the order they are saved; each has the
@@ -168,14 +169,16 @@ class Int8ExpertsMixin:
     def _int8_call(self, inputs, training=None):
         def linear(x, kernel, bias):
             y = self._int8_matmul(x, kernel)
+            y = self._lora_term(x, kernel, buffers_matmul, y)
             return y + getattr(self, bias)[:, None, :] if self.use_bias else y
 
-        return self._ffn(inputs, linear, self._scale_buffers)
+        return self._ffn(inputs, linear, self._scale_buffers, training)
 
     def _int8_variable_names(self):
         kernels = self._kernel_names()
         names = kernels + self._bias_names() + [f"{n}_scale" for n in kernels]
-        return names + (["expert_scale"] if self.output_scale else [])
+        names += ["expert_scale"] if self.output_scale else []
+        return names + (list(LORA_NAMES) if self.lora_enabled else [])
 
     def save_own_variables(self, store):
         if not self.built or self.quantization_mode is None:
@@ -210,6 +213,10 @@ class Int8ExpertsMixin:
                 "them into a float bank, then call quantize()."
             )
         names = self._int8_variable_names()
+        without_lora = self._saved_without_lora(store, len(names) + 1)
+        if without_lora:  # base weights only: LoRA starts again from B = 0
+            names = names[: -len(LORA_NAMES)]
+            self._reset_lora()
         if len(store.keys()) != len(names) + 1:
             raise ValueError(
                 f"Layer '{self.name}' expected {len(names)} variables, but "

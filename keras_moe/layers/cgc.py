@@ -14,6 +14,7 @@ from keras_moe.layers._multitask import (
 )
 from keras_moe.layers._stats import record, statistic
 from keras_moe.layers.expert_bank import (
+    LoraBanks,
     expert_options_config,
     make_experts,
     pop_expert_options,
@@ -54,7 +55,7 @@ def _is_shape_list(shape):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class CGC(keras.layers.Layer):
+class CGC(LoraBanks, keras.layers.Layer):
     """Customized Gate Control: task-specific and shared experts, one gate per
     task (one level of PLE).
 

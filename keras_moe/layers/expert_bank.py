@@ -7,7 +7,8 @@ named as in `Experts` (`activation`, `gated`, `use_bias`, ...: the keys of
 `EXPERT_OPTIONS`), collects them with `pop_expert_options`, builds its banks
 with `make_experts`, and writes them back in `get_config` with
 `expert_options_config`; so an option added to `Experts` reaches every
-layer through this table.
+layer through this table. `LoraBanks` gives those layers `enable_lora`,
+which enables LoRA on every bank they own.
 """
 
 import re
@@ -32,8 +33,51 @@ EXPERT_OPTIONS = {
     "glu_limit": None,
     "glu_linear_offset": 0.0,
     "output_scale": False,
+    "lora_rank": None,
+    "lora_alpha": None,
+    "expert_dropout": 0.0,
 }
 
+
+
+class LoraBanks:
+    """`enable_lora` for a layer that owns `Experts` banks (mixed into
+    `SparseMoE`, `SoftMoE`, `MultiGateMoE`, `CGC`, `PLE`)."""
+
+    def enable_lora(
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """Enables LoRA on every expert bank of this layer (routed and
+        shared experts, every level): see `Experts.enable_lora`. The banks'
+        base weights are frozen; the layer's other weights (router, gates)
+        keep their trainable state (set `layer.router.trainable = False` to
+        freeze a router too). The layer's config records the rank, so a
+        `.keras` file reloads it LoRA-enabled."""
+        if not self.built:
+            raise ValueError(
+                f"Cannot enable LoRA on {self.name!r}: it is not built yet "
+                "(call it once, or build it, first)."
+            )
+        for bank in expert_banks(self):
+            bank.enable_lora(
+                rank,
+                lora_alpha=lora_alpha,
+                a_initializer=a_initializer,
+                b_initializer=b_initializer,
+            )
+
+
+def expert_banks(layer):
+    """The `Experts` banks under `layer` (itself included), in tracking
+    order."""
+    return [
+        sub for sub in flatten_layers(layer, include_self=True)
+        if isinstance(sub, Experts)
+    ]
 
 
 def pop_expert_options(kwargs, **defaults):

@@ -7,8 +7,8 @@ buffers (`call`, one batched einsum), expert-sorted blocks (`call_blocks`)
 and expert-sorted rows (`call_grouped`, one grouped matmul per weight, a
 backend kernel). One function, `_ffn`, is the expert; each path supplies
 only its linear map. int8 quantisation is `Int8ExpertsMixin`
-(`_experts_int8.py`); the factory that MoE layers use to own banks is
-`keras_moe.layers.expert_bank`.
+(`_experts_int8.py`), LoRA `LoraExpertsMixin` (`_experts_lora.py`); the
+factory that MoE layers use to own banks is `keras_moe.layers.expert_bank`.
 """
 
 import keras
@@ -17,6 +17,7 @@ from keras import ops
 from keras_moe import activations
 from keras_moe.layers._experts_int8 import BIAS_NAMES, KERNEL_NAMES  # noqa: F401
 from keras_moe.layers._experts_int8 import Int8ExpertsMixin
+from keras_moe.layers._experts_lora import LoraExpertsMixin, buffers_matmul
 from keras_moe.ops.dropless import gather_experts
 from keras_moe.ops.grouped import grouped_matmul
 from keras_moe.utils import validation as check
@@ -42,7 +43,7 @@ def per_expert_initializer(initializer, num_experts):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class Experts(Int8ExpertsMixin, keras.layers.Layer):
+class Experts(Int8ExpertsMixin, LoraExpertsMixin, keras.layers.Layer):
     """A bank of `E` feed-forward experts run as one batched einsum.
 
     Each expert `e` is a two-layer MLP applied to its own buffer of tokens:
@@ -85,6 +86,15 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
     rounding of the activations). A quantised bank saves and loads with
     `.keras`, also inside an MoE layer. See docs/compression.md.
 
+    LoRA: `enable_lora(rank)` (or `lora_rank=` here) adds per-expert factors
+    `A (E, i, r)`, `B (E, r, o)` to every kernel, `x W + (alpha / r) (x A) B`
+    on every dispatch path and on int8 kernels, freezes the base weights
+    and starts `B` at zero (outputs unchanged); see `enable_lora`.
+
+    `expert_dropout=p` drops the experts' hidden activations (after the
+    activation or GLU) with rate `p` in training only (Switch Transformer
+    fine-tunes with 0.4 inside the experts).
+
     Args:
         num_experts: `E`, the number of experts.
         hidden_dim: `h`, the hidden width of each expert.
@@ -107,6 +117,11 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
         bias_initializer: initializer of the biases.
         kernel_regularizer: regularizer applied to each kernel.
         bias_regularizer: regularizer applied to each bias.
+        lora_rank: `None` (default) or `r`: build with LoRA enabled at rank
+            `r` (what `enable_lora` records in the config, as Keras' `Dense`).
+        lora_alpha: the LoRA scale numerator (default: `lora_rank`).
+        expert_dropout: dropout rate in [0, 1) on the hidden activations, in
+            training only (default 0).
         quantization_config: set by `quantize("int8", config=...)` and kept
             in the config of a quantised bank (a
             `keras.quantizers.Int8QuantizationConfig`); leave it `None`.
@@ -138,7 +153,9 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
     References:
         Shazeer et al. Outrageously Large Neural Networks: The Sparsely-Gated
         Mixture-of-Experts Layer (2017). Shazeer, GLU Variants Improve
-        Transformer (2020).
+        Transformer (2020). Hu et al. LoRA: Low-Rank Adaptation of Large
+        Language Models (2021). Fedus, Zoph, Shazeer. Switch Transformers
+        (2021; expert dropout).
     """
 
     def __init__(
@@ -157,6 +174,9 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
         glu_limit=None,
         glu_linear_offset=0.0,
         output_scale=False,
+        lora_rank=None,
+        lora_alpha=None,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -198,6 +218,10 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             "kernel_regularizer", kernel_regularizer
         )
         self.bias_regularizer = check.regularizer("bias_regularizer", bias_regularizer)
+        self._init_lora(lora_rank, lora_alpha)
+        self.expert_dropout = check.dropout_rate("expert_dropout", expert_dropout)
+        if self.expert_dropout:
+            self.seed_generator = keras.random.SeedGenerator()
 
     def _check_input_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -264,6 +288,8 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             if self.output_scale
             else None
         )
+        if self.lora_rank is not None:  # revived from the config of a LoRA bank
+            self._add_lora(self.lora_rank, self.lora_alpha)
 
     def _glu(self, gate, hidden):
         """`act(gate) * hidden` with the GLU options (clamp, offset)."""
@@ -283,27 +309,33 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             return ("capacity",)
         return ("capacity", "grouped", "blocks")
 
-    def _ffn(self, x, linear, scale):
+    def _ffn(self, x, linear, scale, training=None):
         """The expert, `act(x W1 + b1) W2 + b2` (or the GLU form), on any
         layout: `linear(x, kernel_name, bias_name)` is the path's `x W + b`
-        with each row's own expert, `scale(y)` its per-expert output scale."""
+        (with its LoRA term) with each row's own expert, `scale(y)` its
+        per-expert output scale; expert dropout on the hidden units."""
         hidden = linear(x, "kernel_in", "bias_in")
         if self.gated:
             hidden = self._glu(linear(x, "kernel_gate", "bias_gate"), hidden)
         else:
             hidden = self.activation(hidden)
+        if self.expert_dropout and training:
+            hidden = keras.random.dropout(
+                hidden, self.expert_dropout, seed=self.seed_generator
+            )
         outputs = linear(hidden, "kernel_out", "bias_out")
         return scale(outputs) if self.output_scale else outputs
 
     def _scale_buffers(self, outputs):
         return outputs * self.expert_scale[:, None, None]
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         def linear(x, kernel, bias):
-            y = ops.einsum("ecd,edh->ech", x, getattr(self, kernel))
+            y = buffers_matmul(x, getattr(self, kernel))
+            y = self._lora_term(x, kernel, buffers_matmul, y)
             return y + getattr(self, bias)[:, None, :] if self.use_bias else y
 
-        return self._ffn(inputs, linear, self._scale_buffers)
+        return self._ffn(inputs, linear, self._scale_buffers, training)
 
     def _check_float(self, method):
         if self.quantization_mode is not None:
@@ -312,7 +344,7 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
                 f"bank ({self.quantization_mode}) runs on (E, C, d) buffers."
             )
 
-    def call_blocks(self, rows, block_expert, block_size):
+    def call_blocks(self, rows, block_expert, block_size, training=None):
         """Runs the experts on expert-sorted rows in blocks (dropless).
 
         `rows` `(R, d)` are `R / B` blocks of `B` consecutive rows, block
@@ -330,6 +362,7 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             rows: `(R, d)`, `R` a multiple of `block_size`.
             block_expert: `(R / B,)` int32 expert of each block.
             block_size: `B`, rows per block.
+            training: whether expert dropout applies.
 
         Returns:
             `(R, o)`.
@@ -341,8 +374,12 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
                 variable, block_expert, self.num_experts, block_size
             )
 
+        def matmul(x, variable):
+            return ops.einsum("nbd,ndh->nbh", x, weights(variable))
+
         def linear(x, kernel, bias):
-            y = ops.einsum("nbd,ndh->nbh", x, weights(getattr(self, kernel)))
+            y = matmul(x, getattr(self, kernel))
+            y = self._lora_term(x, kernel, matmul, y)
             if self.use_bias:
                 y = y + weights(getattr(self, bias))[:, None, :]
             return y
@@ -351,10 +388,10 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             return outputs * weights(self.expert_scale)[:, None, None]
 
         x = ops.reshape(rows, (-1, block_size, ops.shape(rows)[-1]))
-        outputs = self._ffn(x, linear, scale)
+        outputs = self._ffn(x, linear, scale, training)
         return ops.reshape(outputs, (-1, ops.shape(outputs)[-1]))
 
-    def call_grouped(self, rows, group_sizes, row_expert=None):
+    def call_grouped(self, rows, group_sizes, row_expert=None, training=None):
         """Runs the experts on expert-sorted rows, one grouped matmul per
         weight (`keras_moe.ops.grouped_matmul`: a backend kernel where one
         runs, see `keras_moe.ops.grouped_kernel_available`).
@@ -370,19 +407,24 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             group_sizes: `(E,)` int32 rows per expert.
             row_expert: `(R,)` int32 expert of each row; needed only with
                 `output_scale`.
+            training: whether expert dropout applies.
 
         Returns:
             `(R, o)`.
         """
         self._check_float("call_grouped")
 
+        def matmul(x, variable):
+            return grouped_matmul(x, variable, group_sizes)
+
         def linear(x, kernel, bias):
-            return grouped_matmul(
+            y = grouped_matmul(
                 x,
                 getattr(self, kernel),
                 group_sizes,
                 bias=getattr(self, bias) if self.use_bias else None,
             )
+            return self._lora_term(x, kernel, matmul, y)
 
         def scale(outputs):
             if row_expert is None:
@@ -392,7 +434,7 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
                 )
             return outputs * ops.take(self.expert_scale, row_expert, axis=0)[:, None]
 
-        return self._ffn(rows, linear, scale)
+        return self._ffn(rows, linear, scale, training)
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -410,6 +452,9 @@ class Experts(Int8ExpertsMixin, keras.layers.Layer):
             glu_limit=self.glu_limit,
             glu_linear_offset=self.glu_linear_offset,
             output_scale=self.output_scale,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            expert_dropout=self.expert_dropout,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer

@@ -21,6 +21,7 @@ from keras_moe.layers._multitask import (
 )
 from keras_moe.layers._stats import record, statistic
 from keras_moe.layers.expert_bank import (
+    LoraBanks,
     expert_options_config,
     make_experts,
     pop_expert_options,
@@ -34,7 +35,7 @@ from keras_moe.utils import validation as check
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MultiGateMoE(keras.layers.Layer):
+class MultiGateMoE(LoraBanks, keras.layers.Layer):
     """Multi-gate Mixture-of-Experts (MMoE): shared experts, one gate per task,
     with dense softmax gates or sparse, capacity-based top-k gates.
 

@@ -6,6 +6,7 @@ from keras_moe.layers._multitask import fresh_initializer, gate_initializer
 from keras_moe.layers.cgc import CGC
 from keras_moe.layers.expert_bank import (
     EXPERT_OPTIONS,
+    LoraBanks,
     pop_expert_options,
     quantized_dtype_config,
 )
@@ -13,7 +14,7 @@ from keras_moe.utils import validation as check
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class PLE(keras.layers.Layer):
+class PLE(LoraBanks, keras.layers.Layer):
     """Progressive Layered Extraction: stacked CGC levels.
 
     `L` levels of `CGC`. Level `l` reads the task inputs `x_t^{l-1}` and the

@@ -7,6 +7,7 @@ from keras import ops
 from keras_moe.layers import _pruning
 from keras_moe.layers._stats import statistic
 from keras_moe.layers.expert_bank import (
+    LoraBanks,
     expert_options_config,
     make_experts,
     pop_expert_options,
@@ -17,7 +18,7 @@ from keras_moe.utils.tensors import softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SoftMoE(keras.layers.Layer):
+class SoftMoE(LoraBanks, keras.layers.Layer):
     """Soft Mixture-of-Experts: experts process soft mixtures of tokens.
 
     For a sequence `X` of `T` tokens `(T, d)` and slot parameters

@@ -23,6 +23,7 @@ from keras_moe.layers._routing_ids import full_rank, ids_per_token
 from keras_moe.layers._routing_ids import router_tokens as router_tokens_of
 from keras_moe.layers._stats import record, statistic
 from keras_moe.layers.expert_bank import (
+    LoraBanks,
     expert_options_config,
     make_experts,
     pop_expert_options,
@@ -40,7 +41,7 @@ EXPERT_TENSORS = ("expert_buffers", "expert_outputs")
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SparseMoE(keras.layers.Layer):
+class SparseMoE(LoraBanks, keras.layers.Layer):
     """Sparsely-gated Mixture-of-Experts feed-forward layer.
 
     Each token `x` (every position of an input `(..., d)`) is sent to the `k`

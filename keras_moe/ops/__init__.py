@@ -30,7 +30,7 @@ from keras_moe.ops.dropless import (
     run_blocks,
 )
 from keras_moe.ops.grouped import grouped_kernel_available, grouped_matmul
-from keras_moe.ops.selection import top_k
+from keras_moe.ops.selection import limit_to_top_groups, top_k
 
 __all__ = [
     "BlockPlan",
@@ -49,6 +49,7 @@ __all__ = [
     "entropy_losses",
     "group_expert_load",
     "group_load_balancing_loss",
+    "limit_to_top_groups",
     "compute_capacity",
     "dense_gates",
     "dispatch",

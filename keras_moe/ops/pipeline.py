@@ -130,7 +130,8 @@ def run_plan(tokens, plan, combine_weights, bank, training=False, layout=None,
         bank: the experts: `keras_moe.layers.Experts`, or for the capacity
             path any callable `(E, C, d) -> (E, C, o)`.
         training: use the gather-only custom gradients (layers pass
-            `training`; an inference graph holds plain gathers only).
+            `training`; an inference graph holds plain gathers only), and
+            the bank's training behaviour (expert dropout).
         layout: optional `layout(tensor, name)` applied to the
             `"expert_buffers"` and `"expert_outputs"` of the capacity path
             (a layer's distribution layouts).
@@ -144,12 +145,15 @@ def run_plan(tokens, plan, combine_weights, bank, training=False, layout=None,
     custom = bool(training)
     rows_per_token = plan.get("rows_per_token", 1)
     if path == "blocks":
-        return dropless.run_blocks(
-            tokens, plan, combine_weights, bank.call_blocks, custom
-        )
+        def call_blocks(rows, block_expert, block_size):
+            return bank.call_blocks(rows, block_expert, block_size, training=training)
+
+        return dropless.run_blocks(tokens, plan, combine_weights, call_blocks, custom)
     if path == "grouped":
         rows = dropless.block_dispatch(tokens, plan, custom_gradient=custom)
-        outputs = bank.call_grouped(rows, plan["counts"], plan["block_expert"])
+        outputs = bank.call_grouped(
+            rows, plan["counts"], plan["block_expert"], training=training
+        )
         return dropless.block_combine(
             outputs, plan, combine_weights, custom_gradient=custom
         )

@@ -69,3 +69,31 @@ def top_k_routing(probs, k):
     if k > 1:
         weights = weights / ops.sum(weights, axis=-1, keepdims=True)
     return weights, expert_index
+
+
+def limit_to_top_groups(scores, num_groups, top_groups):
+    """DeepSeek-V3's group-limited routing: `scores` `(..., E)` with the
+    experts outside each token's best `top_groups` groups set to `-inf`.
+
+    The `E` experts form `num_groups` groups of `E / G` consecutive experts;
+    a group's score is the sum of its two largest scores (its one score when
+    groups hold one expert); each token keeps the `top_groups` best groups
+    (ties to the lower group), so a top-`k` on the result picks its experts
+    in those groups only (`k <= top_groups E / G`).
+
+    Args:
+        scores: `(..., E)` selection scores (with any selection bias).
+        num_groups: `G`, dividing `E`.
+        top_groups: `M`, `1 <= M <= G`.
+
+    Returns:
+        `(..., E)`, `scores` where the expert's group is kept, else `-inf`.
+    """
+    size = scores.shape[-1] // num_groups
+    grouped = ops.reshape(scores, (-1, num_groups, size))
+    best, _ = top_k(grouped, min(2, size))
+    _, chosen = top_k(ops.sum(best, axis=-1), top_groups)  # (N, M) of (N, G)
+    kept = ops.any(ops.one_hot(chosen, num_groups, dtype="bool"), axis=1)
+    kept = ops.reshape(ops.repeat(kept, size, axis=-1), ops.shape(scores))
+    lowest = ops.convert_to_tensor(float("-inf"), dtype=scores.dtype)
+    return ops.where(kept, scores, lowest)

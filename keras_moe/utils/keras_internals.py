@@ -6,6 +6,8 @@ release that renames one breaks one function, found by the tests of its
 callers. Each function says what it reads and why there is no public way.
 """
 
+import contextlib
+
 import keras
 
 
@@ -100,6 +102,23 @@ def replace_sublayer(layer, attribute, new):
     try:
         tracker.untrack(old)
         setattr(layer, attribute, new)
+    finally:
+        if locked:
+            tracker.lock(message)
+
+
+@contextlib.contextmanager
+def unlocked_state(layer):
+    """A context in which a built `layer` may create weights (locked again
+    after it, if it was). Keras locks a layer's state after `build`
+    (`Layer._tracker`); its own `Dense.enable_lora` unlocks the tracker to
+    add the LoRA factors, and there is no public way to (Keras 3.15)."""
+    tracker = layer._tracker
+    locked = tracker.locked
+    message = getattr(tracker, "_lock_violation_msg", None)
+    tracker.unlock()
+    try:
+        yield
     finally:
         if locked:
             tracker.lock(message)

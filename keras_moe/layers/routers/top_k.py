@@ -1,6 +1,7 @@
 """Token-choice top-k routing: noisy top-k, Switch, V-MoE, DeepSeek-V3."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe.utils import validation as check
@@ -40,6 +41,16 @@ class TopKRouter(Router):
     are picked, never the weights). The renormalisation applies for `k > 1`
     (and always for sigmoid scores); with softmax and `k = 1` the weight is
     the raw probability (Switch), so the task loss still trains the router.
+
+    Group-limited routing (DeepSeek-V3's `n_group` / `topk_group`): with
+    `num_expert_groups=G` and `top_expert_groups=M`, the experts form `G`
+    groups of `E / G` consecutive experts; each token scores a group by the
+    sum of its two largest `s + beta`, keeps its `M` best groups, and takes
+    its top `k` in them (`ops.limit_to_top_groups`); the weights are as
+    above. Router jitter (Switch, Mixtral): with `jitter_noise=eps`, in
+    training the router's input is multiplied elementwise by
+    `u ~ U(1 - eps, 1 + eps)` before the input options; inference is
+    unchanged.
     The router runs in float32 whatever the global dtype policy (pass
     `dtype=` to override), since a softmax over bfloat16 logits routes badly.
 
@@ -91,7 +102,13 @@ class TopKRouter(Router):
         kernel_initializer: router kernel initializer (default: truncated
             normal with 0.1 x LeCun variance, as in Switch).
         kernel_regularizer: router kernel regularizer.
-        seed: seed of the gating noise.
+        seed: seed of the gating noise and of the jitter.
+        jitter_noise: `eps` in [0, 1) of the multiplicative router jitter in
+            training (default 0: off).
+        num_expert_groups: `None` (default) or `G`, dividing `E`: routing
+            limited to the `top_expert_groups` best of `G` expert groups.
+        top_expert_groups: `M`, `1 <= M <= G` with `k <= M E / G` (needs
+            `num_expert_groups`).
         **kwargs: base `Layer` arguments; `dtype` defaults to `"float32"`.
 
     Call arguments:
@@ -124,7 +141,8 @@ class TopKRouter(Router):
         Transformers (2021). Riquelme et al. Scaling Vision with Sparse
         Mixture of Experts (V-MoE, 2021). Zoph et al. ST-MoE (2022).
         Wang et al. Auxiliary-Loss-Free Load Balancing Strategy for
-        Mixture-of-Experts (2024); DeepSeek-AI, DeepSeek-V3 (2024).
+        Mixture-of-Experts (2024); DeepSeek-AI, DeepSeek-V3 (2024; group
+        limited routing). Jiang et al. Mixtral of Experts (2024; jitter).
     """
 
     routing_fields = ("logits", "load_balance_loss", "importance_loss", "z_loss")
@@ -150,6 +168,9 @@ class TopKRouter(Router):
         input_norm_epsilon=1e-6,
         input_multiplier=1.0,
         learned_input_scale=False,
+        jitter_noise=0.0,
+        num_expert_groups=None,
+        top_expert_groups=None,
         **kwargs,
     ):
         super().__init__(num_experts, k=k, **kwargs)
@@ -201,8 +222,39 @@ class TopKRouter(Router):
             "kernel_regularizer", kernel_regularizer
         )
         self.seed = check.seed("seed", seed)
-        if self.noisy_gating:
+        self.jitter_noise = check.dropout_rate("jitter_noise", jitter_noise)
+        self._init_groups(num_expert_groups, top_expert_groups)
+        if self.noisy_gating or self.jitter_noise:
             self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _init_groups(self, num_expert_groups, top_expert_groups):
+        if num_expert_groups is None:
+            if top_expert_groups is not None:
+                raise ValueError(
+                    "top_expert_groups limits the routing to groups of experts "
+                    "and needs num_expert_groups. Received: "
+                    f"top_expert_groups={top_expert_groups!r}"
+                )
+            self.num_expert_groups = self.top_expert_groups = None
+            return
+        e = self.num_experts
+        groups = check.positive_int("num_expert_groups", num_expert_groups)
+        if e % groups:
+            raise ValueError(
+                "num_expert_groups must divide num_experts. Received: "
+                f"num_expert_groups={num_expert_groups!r}, num_experts={e}"
+            )
+        top = groups if top_expert_groups is None else check.positive_int(
+            "top_expert_groups", top_expert_groups
+        )
+        if top > groups or self.k > top * (e // groups):
+            raise ValueError(
+                "top_expert_groups must be <= num_expert_groups and hold at "
+                "least k experts (k <= top_expert_groups * num_experts / "
+                f"num_expert_groups). Received: top_expert_groups={top}, "
+                f"num_expert_groups={groups}, num_experts={e}, k={self.k}"
+            )
+        self.num_expert_groups, self.top_expert_groups = groups, top
 
     def build(self, input_shape):
         input_shape = check.token_input_shape(type(self).__name__, input_shape)
@@ -234,10 +286,19 @@ class TopKRouter(Router):
             else None
         )
 
-    def router_inputs(self, inputs):
-        """`x'`: the inputs in the router's dtype, normalised and scaled as
-        the input options say (the identity by default)."""
+    def router_inputs(self, inputs, training=False):
+        """`x'`: the inputs in the router's dtype, jittered (in training)
+        and normalised and scaled as the input options say (the identity
+        by default)."""
         x = ops.cast(inputs, self.compute_dtype)
+        if training and self.jitter_noise:
+            x = x * keras.random.uniform(
+                ops.shape(x),
+                minval=1.0 - self.jitter_noise,
+                maxval=1.0 + self.jitter_noise,
+                dtype=x.dtype,
+                seed=self.seed_generator,
+            )
         if self.input_norm == "rms":
             mean_square = ops.mean(ops.square(x), axis=-1, keepdims=True)
             x = x * ops.power(mean_square + self.input_norm_epsilon, -0.5)
@@ -249,7 +310,7 @@ class TopKRouter(Router):
 
     def compute_logits(self, inputs, training=False):
         """Returns `(clean logits, noisy logits or None, noise std or None)`."""
-        x = self.router_inputs(inputs)
+        x = self.router_inputs(inputs, training=training)
         logits = self.linear_logits(x)
         if not (self.noisy_gating and training):
             return logits, None, None
@@ -268,10 +329,15 @@ class TopKRouter(Router):
         else:
             scores = ops.sigmoid(logits)
             probs = scores / ops.sum(scores, axis=-1, keepdims=True)
-        if self.selection_bias is not None:
-            _, expert_index = selection.top_k(
-                ops.stop_gradient(scores) + self.selection_bias, self.k
-            )
+        if self.selection_bias is not None or self.num_expert_groups:
+            choice = ops.stop_gradient(scores)
+            if self.selection_bias is not None:
+                choice = choice + self.selection_bias
+            if self.num_expert_groups:
+                choice = selection.limit_to_top_groups(
+                    choice, self.num_expert_groups, self.top_expert_groups
+                )
+            _, expert_index = selection.top_k(choice, self.k)
             top = ops.take_along_axis(scores, expert_index, axis=-1)
         else:
             top, expert_index = selection.top_k(scores, self.k)
@@ -347,6 +413,29 @@ class TopKRouter(Router):
             shapes["load_loss"] = ()
         return shapes
 
+    def pruned_config(self, kept):
+        """The base rule (`num_experts = len(kept)`), and with expert
+        groups: the groups that keep experts stay (`M` capped at their
+        count), which needs each of them to keep as many experts, so that
+        consecutive experts still form the same groups."""
+        config = super().pruned_config(kept)
+        if not self.num_expert_groups:
+            return config
+        size = self.num_experts // self.num_expert_groups
+        counts = np.bincount(np.asarray(kept) // size, minlength=self.num_expert_groups)
+        left = counts[counts > 0]
+        top = min(self.top_expert_groups, len(left))
+        if len(set(left.tolist())) != 1 or config["k"] > top * left[0]:
+            raise ValueError(
+                "Pruning a group-limited router keeps its groups only if each "
+                "group that keeps experts keeps as many of them, at least k "
+                "in its top groups. Received: experts kept per group "
+                f"{counts.tolist()}, k={config['k']}; pass keep={{layer: "
+                "[indices]}} with as many experts in each group"
+            )
+        config.update(num_expert_groups=len(left), top_expert_groups=top)
+        return config
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -371,5 +460,8 @@ class TopKRouter(Router):
             input_norm_epsilon=self.input_norm_epsilon,
             input_multiplier=self.input_multiplier,
             learned_input_scale=self.learned_input_scale,
+            jitter_noise=self.jitter_noise,
+            num_expert_groups=self.num_expert_groups,
+            top_expert_groups=self.top_expert_groups,
         )
         return config
