@@ -30,7 +30,9 @@ layer of each block):
 - `moe_top2`: `2E` experts of width `H / 2`, top-2: the same active
   compute, finer experts.
 - `dense_time`: `dense` trained for as many steps as fit in `moe_top1`'s
-  training time of the same seed (run after it: equal wall time).
+  training time (equal wall time): `--steps` times the step-time ratio
+  moe_top1 / dense, measured side by side at the start of the run (7
+  interleaved reps on one batch) or given with `--dense-time-ratio`.
 
 The MoE layers are dropless in training and inference
 (`capacity_factor=None`): a token's output never depends on another token,
@@ -65,6 +67,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import interleaved_times, median_ratio  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = os.path.join(ROOT, "..", "shared", "data", "text")
@@ -479,19 +484,11 @@ def plot_tables(result, names, output_dir):
 # ---------------------------------------------------------------------------
 
 
-def timing(args, log):
-    """Median train-step seconds of each model on one batch, interleaved,
-    and the median per-rep ratio to `dense`."""
-    import keras
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _harness import interleaved_times, median_ratio
-
-    names = ["dense", "moe_top1", "moe_top2"]
-    configs = {name: (name, None) for name in names}
-    for cf in args.timing_capacity_factors:
-        for name in ("moe_top1", "moe_top2"):
-            configs[f"{name}_cf{cf:g}"] = (name, cf)
+def step_times(args, configs, reps):
+    """`{label: [seconds of a train step per rep]}` of the models
+    `configs` (`{label: (name, capacity_factor)}`) on one random batch,
+    interleaved rep by rep (`benchmarks/_harness.py`). A configuration the
+    layer does not take yet is left out, with the reason."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, VOCAB, (args.batch_size, args.context)).astype("int32")
     y = rng.integers(0, VOCAB, (args.batch_size, args.context)).astype("int32")
@@ -502,25 +499,52 @@ def timing(args, log):
                                 blocks=args.blocks, heads=args.heads, hidden=args.hidden,
                                 experts=args.experts, capacity_factor=cf)
         except (TypeError, ValueError) as error:
-            log(f"{label}: not built ({type(error).__name__}: {error})")
+            print(f"{label}: not built ({type(error).__name__}: {error})", flush=True)
             continue
         compile_model(model, 1000, args.learning_rate)
         models[label] = model
-    times = interleaved_times(models, x, y, warmup=2, reps=args.reps)
+    return interleaved_times(models, x, y, warmup=2, reps=reps)
+
+
+def timing(args, log):
+    """Median train-step seconds of each model on one batch, interleaved,
+    and the median per-rep ratio to `dense`."""
+    import keras
+
+    configs = {name: (name, None) for name in ("dense", "moe_top1", "moe_top2")}
+    for cf in args.timing_capacity_factors:
+        for name in ("moe_top1", "moe_top2"):
+            configs[f"{name}_cf{cf:g}"] = (name, cf)
+    times = step_times(args, configs, args.reps)
+
+    backend = keras.backend.backend()
     lines = [f"Train step, batch {args.batch_size} x {args.context} bytes, "
-             f"backend {keras.backend.backend()}, median of {args.reps} reps:",
+             f"backend {backend}, median of {args.reps} reps:",
              "| model | step ms | / dense |", "|---|---|---|"]
     rows = []
-    for label in models:
+    for label in times:
         ms = 1000 * statistics.median(times[label])
         ratio = median_ratio(times, label, "dense")
-        rows.append({"model": label, "step_ms": ms, "ratio": ratio,
-                     "backend": keras.backend.backend()})
+        rows.append({"model": label, "step_ms": ms, "ratio": ratio, "backend": backend})
         lines.append(f"| {label} | {ms:.0f} | {ratio:.2f} |")
-        print(f"TIMING model={label} backend={keras.backend.backend()} "
-              f"step_ms={ms:.1f} ratio={ratio:.3f}", flush=True)
+        print(f"TIMING model={label} backend={backend} step_ms={ms:.1f} "
+              f"ratio={ratio:.3f}", flush=True)
     log("\n".join(lines))
     return rows
+
+
+def equal_time_ratio(args, log):
+    """moe_top1's step time over dense's, measured side by side here (7
+    interleaved reps): `dense_time` trains this many times the steps."""
+    if args.dense_time_ratio is not None:
+        return args.dense_time_ratio
+
+    times = step_times(args, {"dense": ("dense", None), "moe_top1": ("moe_top1", None)}, 7)
+
+    ratio = median_ratio(times, "moe_top1", "dense")
+    log(f"step time moe_top1 / dense, side by side in this process: {ratio:.3f} "
+        f"(dense_time trains {ratio:.3f} x --steps)")
+    return ratio
 
 
 # ---------------------------------------------------------------------------
@@ -536,7 +560,7 @@ def parse_args(argv):
                         "validation part of its training text)")
     p.add_argument("--models", default="dense,moe_top1,moe_top2,dense_time")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--dim", type=int, default=128)
@@ -559,6 +583,9 @@ def parse_args(argv):
     p.add_argument("--max-bytes", type=int, default=None,
                    help="use the first N bytes of every part (smoke tests)")
     p.add_argument("--output-dir", default="runs/text_moe_vs_dense")
+    p.add_argument("--dense-time-ratio", type=float, default=None,
+                   help="dense_time trains this many times --steps (default: the "
+                        "moe_top1 / dense step-time ratio measured at the start)")
     p.add_argument("--timing", action="store_true", help="step-time ratios only")
     p.add_argument("--timing-capacity-factors", default="1.0,1.25")
     p.add_argument("--reps", type=int, default=7)
@@ -596,24 +623,21 @@ def main(argv=None):
         + ", ".join(f"{d}: {len(p['train']):,} train / {len(p['test']):,} test bytes"
                     for d, p in domains.items()))
     results, lines = [], []
+    if "dense_time" in args.models:
+        # As many steps as fit in moe_top1's time at dense's speed (whole
+        # --eval-every chunks).
+        chunks = args.steps * equal_time_ratio(args, log) / args.eval_every
+        time_steps = args.eval_every * max(1, int(round(chunks)))
     for seed in args.seeds:
-        seconds = {}
         for name in args.models:
-            steps = args.steps
-            if name == "dense_time":
-                if "moe_top1" not in seconds or "dense" not in seconds:
-                    log("dense_time needs dense and moe_top1 first; skipped")
-                    continue
-                # As many steps as fit in moe_top1's time at dense's speed
-                # (whole --eval-every chunks).
-                chunks = args.steps * seconds["moe_top1"] / seconds["dense"] / args.eval_every
-                steps = args.eval_every * max(1, int(round(chunks)))
+            steps = time_steps if name == "dense_time" else args.steps
             result = train_and_score(name, args, domains, seed, steps, log)
-            seconds[name] = result["train_seconds"]
             results.append(result)
             line = result_line(result, names)
             lines.append(line)
             log(line)
+            with open(os.path.join(args.output_dir, "runs.jsonl"), "a") as f:
+                f.write(json.dumps(result) + "\n")
             for layer, table in result.get("tables", {}).items():
                 log("\n".join(format_table(f"{name} seed={seed} {layer}",
                                            np.asarray(table), names)))
