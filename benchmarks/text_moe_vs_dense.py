@@ -5,6 +5,12 @@
     python benchmarks/text_moe_vs_dense.py --seeds 0 --models dense,moe_top1
     python benchmarks/text_moe_vs_dense.py --timing              # step-time ratios
 
+    # one process per model and seed (each under 30 min), then the reports:
+    for seed in 0 1 2; do for model in dense moe_top1 moe_top2 dense_time; do
+      python benchmarks/text_moe_vs_dense.py --models $model --seeds $seed \
+          --dense-time-ratio 1.37 --output-dir runs/text; done; done
+    python benchmarks/text_moe_vs_dense.py --collect --output-dir runs/text
+
 The runner behind the numbers of docs/language_model.md (the example is
 `examples/text_moe_gpt.py`; the two build the same model, and
 `tests/test_examples.py` checks that their parameter counts agree).
@@ -587,6 +593,10 @@ def parse_args(argv):
                    help="dense_time trains this many times --steps (default: the "
                         "moe_top1 / dense step-time ratio measured at the start)")
     p.add_argument("--timing", action="store_true", help="step-time ratios only")
+    p.add_argument("--collect", action="store_true",
+                   help="no training: the reports of every run in --output-dir's "
+                        "runs.jsonl (written by earlier calls, e.g. one per model "
+                        "and seed)")
     p.add_argument("--timing-capacity-factors", default="1.0,1.25")
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args(argv)
@@ -601,9 +611,28 @@ def parse_args(argv):
     return args
 
 
+def write_reports(results, names, output_dir, log):
+    """The summary table, `results.md`, `curves.json`, `domain_expert.txt`
+    and `loss_curves.png` of `results` in `output_dir`."""
+    table = summary_table(results, names)
+    log("\n".join(table))
+    lines = [result_line(r, names) for r in results]
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(table + [""] + lines) + "\n")
+    with open(os.path.join(output_dir, "curves.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(output_dir, "domain_expert.txt"), "w") as f:
+        for r in results:
+            for layer, t in r.get("tables", {}).items():
+                f.write("\n".join(format_table(f"{r['model']} seed={r['seed']} {layer}",
+                                               np.asarray(t), names)) + "\n\n")
+    plot_curves(results, names, os.path.join(output_dir, "loss_curves.png"))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.output_dir, exist_ok=True)
+    runs_file = os.path.join(args.output_dir, "runs.jsonl")
 
     def log(text):
         print(text, flush=True)
@@ -614,6 +643,16 @@ def main(argv=None):
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         return rows
+    if args.collect:  # the runs of earlier calls, e.g. one per model and seed
+        with open(runs_file) as f:
+            results = [json.loads(line) for line in f if line.strip()]
+        order = {m: i for i, m in enumerate(MODELS)}
+        results.sort(key=lambda r: (order.get(r["model"], 99), r["seed"]))
+        names = [k[len("bits_"):] for k in results[0] if k.startswith("bits_")]
+        for r in results:
+            log(result_line(r, names))
+        write_reports(results, names, args.output_dir, log)
+        return results
     domains = load_domains(args.train_text, args.test_text, args.val_fraction,
                            args.max_bytes)
     names = list(domains)
@@ -622,7 +661,7 @@ def main(argv=None):
     log(f"Keras {keras.__version__}, backend {keras.backend.backend()}; domains "
         + ", ".join(f"{d}: {len(p['train']):,} train / {len(p['test']):,} test bytes"
                     for d, p in domains.items()))
-    results, lines = [], []
+    results = []
     if "dense_time" in args.models:
         # As many steps as fit in moe_top1's time at dense's speed (whole
         # --eval-every chunks).
@@ -633,27 +672,14 @@ def main(argv=None):
             steps = time_steps if name == "dense_time" else args.steps
             result = train_and_score(name, args, domains, seed, steps, log)
             results.append(result)
-            line = result_line(result, names)
-            lines.append(line)
-            log(line)
-            with open(os.path.join(args.output_dir, "runs.jsonl"), "a") as f:
+            log(result_line(result, names))
+            with open(runs_file, "a") as f:
                 f.write(json.dumps(result) + "\n")
             for layer, table in result.get("tables", {}).items():
                 log("\n".join(format_table(f"{name} seed={seed} {layer}",
                                            np.asarray(table), names)))
             plot_tables(result, names, args.output_dir)
-    table = summary_table(results, names)
-    log("\n".join(table))
-    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write("\n".join(table + [""] + lines) + "\n")
-    with open(os.path.join(args.output_dir, "curves.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(args.output_dir, "domain_expert.txt"), "w") as f:
-        for r in results:
-            for layer, t in r.get("tables", {}).items():
-                f.write("\n".join(format_table(f"{r['model']} seed={r['seed']} {layer}",
-                                               np.asarray(t), names)) + "\n\n")
-    plot_curves(results, names, os.path.join(args.output_dir, "loss_curves.png"))
+    write_reports(results, names, args.output_dir, log)
     return results
 
 
