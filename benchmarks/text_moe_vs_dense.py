@@ -42,10 +42,10 @@ layer of each block):
 
 The MoE layers are dropless in training and inference
 (`capacity_factor=None`): a token's output never depends on another token,
-so the model is causal (`tests/layers/test_causal.py`).
-`--capacity-factor C` trains with a capacity instead, with
-`SparseMoE(causal=True)` (pairs placed in token-major order, so a token's
-kept/dropped status depends only on earlier tokens). Expert choice and Soft
+so the model is causal (`tests/layers/test_causal.py`). They are built
+with `SparseMoE(causal=True)`, so `--capacity-factor C` (training with a
+capacity) places pairs in token-major order: a token's kept/dropped status
+depends only on earlier tokens. Expert choice and Soft
 MoE are not offered: they are not causal (an expert picks its tokens
 among the whole sequence, the future included; a soft slot averages
 every token of the sequence).
@@ -253,19 +253,16 @@ def build_model(name, context=128, dim=128, blocks=4, heads=4, hidden=None, expe
             h = layers.Dense(dim, name=f"block{b}_ffn_out")(h)
         else:
             k = 1 if kind == "moe_top1" else 2
-            options = {}
-            if capacity_factor is not None and k > 1:
-                # A capacity places (token, expert) pairs choice by choice:
-                # a later token's first choice before an earlier token's
-                # second. causal=True places them token by token, so a
-                # token is kept or dropped by the tokens before it only.
-                # With k=1 the two orders are the same.
-                options["causal"] = True
+            # causal=True: a capacity would place (token, expert) pairs
+            # choice by choice (a later token's first choice before an
+            # earlier token's second); causal=True places them token by
+            # token, so a token is kept or dropped by the tokens before it
+            # only. Dropless routing is causal either way.
             h = SparseMoE(
                 num_experts=experts * k, hidden_dim=hidden // k, k=k,
                 capacity_factor=capacity_factor, eval_capacity_factor=None,
                 num_groups=len(domains), group_names=list(domains),
-                seed=seed + b, name=f"block{b}_moe", **options,
+                seed=seed + b, causal=True, name=f"block{b}_moe",
             )(h)
         x = layers.Add(name=f"block{b}_ffn_residual")([x, h])
     x = layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
@@ -493,20 +490,15 @@ def plot_tables(result, names, output_dir):
 def step_times(args, configs, reps):
     """`{label: [seconds of a train step per rep]}` of the models
     `configs` (`{label: (name, capacity_factor)}`) on one random batch,
-    interleaved rep by rep (`benchmarks/_harness.py`). A configuration the
-    layer does not take yet is left out, with the reason."""
+    interleaved rep by rep (`benchmarks/_harness.py`)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, VOCAB, (args.batch_size, args.context)).astype("int32")
     y = rng.integers(0, VOCAB, (args.batch_size, args.context)).astype("int32")
     models = {}
     for label, (name, cf) in configs.items():
-        try:
-            model = build_model(name, context=args.context, dim=args.dim,
-                                blocks=args.blocks, heads=args.heads, hidden=args.hidden,
-                                experts=args.experts, capacity_factor=cf)
-        except (TypeError, ValueError) as error:
-            print(f"{label}: not built ({type(error).__name__}: {error})", flush=True)
-            continue
+        model = build_model(name, context=args.context, dim=args.dim,
+                            blocks=args.blocks, heads=args.heads, hidden=args.hidden,
+                            experts=args.experts, capacity_factor=cf)
         compile_model(model, 1000, args.learning_rate)
         models[label] = model
     return interleaved_times(models, x, y, warmup=2, reps=reps)
@@ -576,7 +568,7 @@ def parse_args(argv):
     p.add_argument("--experts", type=int, default=8,
                    help="E: moe_top1 has E experts, moe_top2 2E of half width")
     p.add_argument("--capacity-factor", type=float, default=None,
-                   help="train the MoE with a capacity (needs SparseMoE(causal=True)); "
+                   help="train the MoE with a capacity (token-major, causal=True); "
                         "default: dropless")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--val-fraction", type=float, default=0.1)

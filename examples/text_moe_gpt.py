@@ -2,7 +2,7 @@
 Title: A sparse-MoE GPT on Shakespeare and Python source
 Author: keras_moe contributors
 Date created: 2026/12/06
-Last modified: 2026/12/06
+Last modified: 2026/12/07
 Description: A small byte-level decoder-only language model whose feed-forward
 blocks are `SparseMoE`, trained on two kinds of text at once: held-out bits
 per byte per domain, generated text, which experts each domain uses, a
@@ -53,24 +53,86 @@ Choices, and why:
   it only for its tests.
 - **Dropless routing** (`capacity_factor=None` in training and inference):
   every (byte, expert) pair is computed, so a byte's output depends on no
-  other byte and the model stays causal. With a capacity, a token's
-  kept/dropped status depends on which tokens came before it in the batch;
-  `--capacity-factor` trains that way with `SparseMoE(causal=True)`
-  (token-major placement: only earlier tokens count). Expert choice and Soft
-  MoE are not offered: an expert that picks its tokens, or a soft slot that
-  averages them, looks at the future of the sequence.
+  other byte and the model stays causal. The layers are built with
+  `SparseMoE(causal=True)` all the same: `--capacity-factor` then trains
+  with a capacity whose (byte, expert) pairs are placed token by token, so a
+  byte is kept or dropped by the bytes before it only (never a later one),
+  and a router that looks at every token is refused. Expert choice and
+  Soft MoE are not offered: an expert that picks its tokens, or a soft slot
+  that averages them, looks at the future of the sequence
+  (`tests/layers/test_causal.py` shows the leak).
 """
 
 import argparse
+import importlib.util
+import logging
 import math
 import os
 import time
 
-import keras
-import numpy as np
-from keras import layers, ops
 
-from keras_moe.layers import SparseMoE
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--train-text", action="append", default=None,
+                        help="name=PATH of a domain's training text; repeat per "
+                             "domain (default: Shakespeare and Python from "
+                             "../shared/data/text/)")
+    parser.add_argument("--test-text", action="append", default=[],
+                        help="name=PATH of a domain's held-out text (default: the "
+                             "last 10%% of its training text)")
+    parser.add_argument("--ffn", choices=("moe", "dense"), default="moe")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--expert-hidden", type=int, default=512)
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="train with a capacity (default: dropless)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--generate", type=int, default=300,
+                        help="bytes to generate after each prompt")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="use the first N bytes of every part (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/text_moe_gpt")
+    return parser.parse_args(argv)
+
+
+# The arguments are read before Keras is imported, so that `--help` and a
+# mistyped flag answer at once instead of after the backend has loaded.
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+# TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load (Keras loads TensorFlow, when it is
+# installed, for the SavedModel export under every backend), so stderr is
+# pointed at /dev/null meanwhile.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+from keras_moe.layers import SparseMoE  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = os.path.join(ROOT, "..", "shared", "data", "text")
@@ -237,14 +299,15 @@ def build_model(ffn="moe", context=128, dim=128, blocks=4, heads=4, hidden=512,
             h = layers.Dense(k * hidden, activation="gelu", name=f"block{b}_ffn_in")(h)
             h = layers.Dense(dim, name=f"block{b}_ffn_out")(h)
         else:
-            # With a capacity and k > 1, place pairs token by token
-            # (causal=True): no token is dropped because of a later one.
-            causal = {"causal": True} if capacity_factor is not None and k > 1 else {}
+            # causal=True: with a capacity, (byte, expert) pairs are placed
+            # token by token, so no byte is dropped because of a later one;
+            # routers that look at every token are refused. (Dropless
+            # routing is causal either way.)
             h = SparseMoE(
                 num_experts=experts, hidden_dim=hidden, k=k,
                 capacity_factor=capacity_factor, eval_capacity_factor=None,
                 num_groups=len(domains), group_names=list(domains),
-                seed=seed + b, name=f"block{b}_moe", **causal,
+                seed=seed + b, causal=True, name=f"block{b}_moe",
             )(h)
         x = layers.Add(name=f"block{b}_ffn_residual")([x, h])
     x = layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
@@ -409,36 +472,7 @@ def show(text):
     return text.decode("utf-8", errors="replace")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--train-text", action="append", default=None,
-                        help="name=PATH of a domain's training text; repeat per "
-                             "domain (default: Shakespeare and Python from "
-                             "../shared/data/text/)")
-    parser.add_argument("--test-text", action="append", default=[],
-                        help="name=PATH of a domain's held-out text (default: the "
-                             "last 10%% of its training text)")
-    parser.add_argument("--ffn", choices=("moe", "dense"), default="moe")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--expert-hidden", type=int, default=512)
-    parser.add_argument("--capacity-factor", type=float, default=None,
-                        help="train with a capacity (default: dropless)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--generate", type=int, default=300,
-                        help="bytes to generate after each prompt")
-    parser.add_argument("--max-bytes", type=int, default=None,
-                        help="use the first N bytes of every part (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="runs/text_moe_gpt")
-    args = parser.parse_args()
+def main(args):
 
     domains = load_domains(args.train_text or list(DEFAULT_TRAIN), args.test_text,
                            max_bytes=args.max_bytes)
@@ -513,4 +547,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -15,47 +15,38 @@ outputs at positions `<= t` of that sequence stay the same, in training and
 in inference, for every routing mode `examples/text_moe_gpt.py` and
 `benchmarks/text_moe_vs_dense.py` offer; and in a whole causal model
 (`MultiHeadAttention(use_causal_mask=True)` + `SparseMoE`), the logits too.
-The tests marked `needs_causal` wait for `SparseMoE(causal=True)` (issue 31).
+The refusal of look-ahead routers and the `causal` config round trip are
+tested with the layer (`tests/layers/test_sparse_moe.py`); here, the leak
+they prevent (and that the check sees it) and every mode of the example.
 """
-
-import inspect
 
 import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers import (
-    BalancedAssignmentRouter,
-    ExpertChoiceRouter,
-    SparseMoE,
-    TopKRouter,
-)
+from keras_moe.layers import ExpertChoiceRouter, SparseMoE
 from tests.conftest import tokens
 
 B, T, D = 2, 12, 8
 CUT = 5  # positions 0..CUT are the past, CUT+1.. the future
 
-needs_causal = pytest.mark.skipif(
-    "causal" not in inspect.signature(SparseMoE.__init__).parameters,
-    reason="waits for SparseMoE(causal=True) (issue 31, the lead's change)",
-)
-
-# The routing modes of the language-model example and its runner, with a
-# small capacity factor where there is one (so that tokens are dropped).
+# The routing modes of the language-model example and its runner (their
+# layers are built with causal=True), with a small capacity factor where
+# there is one (so that tokens are dropped); and dropless routing without
+# causal=True, which is causal anyway, and the choice-major capacity with
+# k=1 (the same order as token-major).
 CAUSAL_MODES = {
-    "dropless_top1": dict(num_experts=4, k=1, capacity_factor=None),
-    "dropless_top2": dict(num_experts=4, k=2, capacity_factor=None),
-    "capacity_top1": dict(num_experts=4, k=1, capacity_factor=0.5),
-    "dropless_top2_shared": dict(
-        num_experts=4, k=2, capacity_factor=None, num_shared_experts=1
-    ),
-}
-WAITING_MODES = {
-    "causal_capacity_top1": dict(num_experts=4, k=1, capacity_factor=0.5, causal=True),
-    "causal_capacity_top2": dict(num_experts=4, k=2, capacity_factor=0.5, causal=True),
-    "causal_capacity_top2_eval": dict(
+    "dropless_top1": dict(num_experts=4, k=1, capacity_factor=None, causal=True),
+    "dropless_top2": dict(num_experts=4, k=2, capacity_factor=None, causal=True),
+    "capacity_top1": dict(num_experts=4, k=1, capacity_factor=0.5, causal=True),
+    "capacity_top2": dict(num_experts=4, k=2, capacity_factor=0.5, causal=True),
+    "capacity_top2_eval": dict(
         num_experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=0.5, causal=True
     ),
+    "dropless_top2_shared_not_causal": dict(
+        num_experts=4, k=2, capacity_factor=None, num_shared_experts=1
+    ),
+    "capacity_top1_not_causal": dict(num_experts=4, k=1, capacity_factor=0.5),
 }
 
 
@@ -106,13 +97,6 @@ def test_layer_is_causal(mode, training):
     check_causal(moe(CAUSAL_MODES[mode]), training)
 
 
-@needs_causal
-@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-@pytest.mark.parametrize("mode", sorted(WAITING_MODES))
-def test_causal_capacity_is_causal(mode, training):
-    check_causal(moe(WAITING_MODES[mode]), training)
-
-
 def test_choice_major_capacity_leaks():
     """Why `causal=True` exists: with a capacity and `k=2`, pairs are placed
     choice by choice, so a later token's first choice can take the room of
@@ -130,7 +114,7 @@ def test_expert_choice_leaks():
     future included: not for causal models (the example does not offer it)."""
     layer = SparseMoE(
         4, 16, capacity_factor=0.5, eval_capacity_factor=0.5,
-        router=ExpertChoiceRouter(4, k=1), seed=3,
+        router=ExpertChoiceRouter(4, k=1),
     )
     layer.build((None, T, D))
     layer.router.weights[0].assign(tokens(tuple(layer.router.weights[0].shape), seed=7))
@@ -138,29 +122,6 @@ def test_expert_choice_leaks():
     diffs = [past_difference(lambda v: layer(v, training=False), x, row)
              for row in range(B)]
     assert max(diffs) > 1e-3, diffs
-
-
-@needs_causal
-@pytest.mark.parametrize(
-    "router",
-    [
-        lambda: ExpertChoiceRouter(4, k=1),
-        lambda: BalancedAssignmentRouter(4),
-        lambda: TopKRouter(4, k=1, batch_prioritized=True),
-    ],
-    ids=["expert_choice", "balanced_assignment", "batch_prioritized"],
-)
-def test_causal_refuses_routers_that_look_ahead(router):
-    with pytest.raises(ValueError, match="causal"):
-        SparseMoE(4, 16, capacity_factor=1.0, router=router(), causal=True)
-
-
-@needs_causal
-def test_causal_config_round_trip():
-    layer = SparseMoE(4, 16, k=2, capacity_factor=1.0, causal=True)
-    config = layer.get_config()
-    assert config["causal"] is True
-    assert SparseMoE.from_config(config).causal is True
 
 
 # -- a whole decoder ---------------------------------------------------------
@@ -196,9 +157,8 @@ def check_decoder(options):
 
 
 def test_decoder_is_causal():
-    check_decoder(dict(num_experts=4, k=1, capacity_factor=None))
+    check_decoder(dict(num_experts=4, k=1, capacity_factor=None, causal=True))
 
 
-@needs_causal
 def test_decoder_with_causal_capacity_is_causal():
     check_decoder(dict(num_experts=4, k=2, capacity_factor=0.5, causal=True))
