@@ -219,6 +219,81 @@ def test_av_digits(tmp_path):
     assert (tmp_path / "plots" / "block1_moe_test_modality_expert.png").exists()
 
 
+TEXT_FILES = [os.path.join(SHARED, "text", f)
+              for f in ("shakespeare_train.txt", "python_stdlib_train.txt")]
+TINY_GPT = ["--context", "16", "--dim", "16", "--blocks", "1", "--heads", "2",
+            "--experts", "4", "--max-bytes", "4000"]
+
+
+def needs_text():
+    missing = [f for f in TEXT_FILES if not os.path.exists(f)]
+    if missing:
+        pytest.skip(f"the shared text files are not present: {missing}")
+
+
+def finite_numbers(text):
+    """Every number in `text` (none of them NaN or infinite)."""
+    import math
+    import re
+
+    assert not re.search(r"\b(nan|inf)\b", text, re.IGNORECASE), text[-3000:]
+    numbers = [float(v.replace(",", "")) for v in
+               re.findall(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", text)]
+    assert all(math.isfinite(v) for v in numbers)
+    return numbers
+
+
+def test_text_moe_gpt(tmp_path):
+    """The language-model example, tiny (one epoch of 4 steps, one block,
+    4,000 bytes of each domain): per-domain bits, generated text, the domain
+    x expert tables and plot, .keras reload, the next-byte SavedModel's
+    serving check; every number it prints (but the generated text) finite.
+    Its model is the runner's moe_top1."""
+    needs_text()
+    out = run_example("text_moe_gpt.py", "--steps", "4", "--eval-every", "4",
+                      "--expert-hidden", "32", "--generate", "8", *TINY_GPT,
+                      "--output-dir", str(tmp_path))
+    samples = out.split("----- generated")
+    assert len(samples) == 3
+    numbers = samples[0] + "".join(s.split("----- end -----", 1)[1] for s in samples[1:])
+    finite_numbers(numbers)
+    result = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(result) == 1 and result[0].startswith("RESULT model=text_moe_gpt ")
+    for key in ("bits_shakespeare", "bits_python"):
+        assert 0 < float(result[0].split(f"{key}=")[1].split()[0]) < 9
+    assert "block1_moe: share of each domain's test bytes per expert" in out
+    assert "reloaded model max |difference|" in out
+    assert "(batch, 16) bytes -> (batch, 256) next-byte logits; serving max" in out
+    assert (tmp_path / "block1_moe_domain_expert.png").exists()
+    same = runner("text_moe_vs_dense").build_model(
+        "moe_top1", context=16, dim=16, blocks=1, heads=2, hidden=32, experts=4)
+    assert f"text_moe_gpt: {same.count_params():,} parameters" in out
+
+
+def test_text_moe_vs_dense_runner(tmp_path, capsys):
+    """The dense-vs-MoE runner, tiny: every model, one seed, a few steps;
+    RESULT lines, the summary table, the domain x expert tables and the
+    loss curves; then its step-time mode (one rep). Numbers finite."""
+    needs_text()
+    out = run_runner("text_moe_vs_dense", "--seeds", "0", "--steps", "4",
+                     "--eval-every", "2", "--curve-windows", "4", "--table-windows", "8",
+                     "--hidden", "32", *TINY_GPT, "--output-dir", str(tmp_path),
+                     capsys=capsys)
+    finite_numbers(out)
+    for model in ("dense", "moe_top1", "moe_top2", "dense_time"):
+        assert f"RESULT model={model} seed=0 bits_shakespeare=" in out
+        assert f"| {model} | 1 |" in out
+    assert "moe_top2 seed=0 block1_moe: share of each domain's" in out
+    assert (tmp_path / "results.md").exists() and (tmp_path / "curves.json").exists()
+    assert (tmp_path / "loss_curves.png").exists()
+    out = run_runner("text_moe_vs_dense", "--timing", "--reps", "1",
+                     "--timing-capacity-factors", "1.0", "--hidden", "32", *TINY_GPT,
+                     "--output-dir", str(tmp_path), capsys=capsys)
+    finite_numbers(out)
+    for model in ("dense", "moe_top1", "moe_top2", "moe_top1_cf1"):
+        assert f"TIMING model={model} backend=" in out
+
+
 @pytest.mark.parametrize("name", sorted(
     f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")))
 def test_help_answers_before_keras_loads(name):
