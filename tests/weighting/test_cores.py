@@ -233,21 +233,22 @@ def np_cagrad(g, c_alpha, rescale):
     return d / {0: 1.0, 1: 1 + c_alpha**2, 2: 1 + c_alpha}[rescale], objective.min()
 
 
-@pytest.mark.parametrize("seed,t,conflict", CASES[:4])
-@pytest.mark.parametrize("rescale", [0, 1])
+@pytest.mark.parametrize(
+    "seed,t,conflict,rescale", [(0, 2, False, 0), (1, 2, True, 1), (3, 3, True, 1)]
+)
 def test_cagrad_matches_numpy(seed, t, conflict, rescale):
     g = gradients(seed, t, conflict=conflict)
-    got = np_(W.cagrad_direction(g, c_alpha=0.4, rescale=rescale, iterations=60))
+    got = np_(W.cagrad_direction(g, c_alpha=0.4, rescale=rescale, iterations=40))
     expected, best = np_cagrad(g, 0.4, rescale)
     scale = np.linalg.norm(expected)
     np.testing.assert_allclose(got, expected, atol=(1e-3 if t == 2 else 3e-2) * scale)
 
 
-@pytest.mark.parametrize("seed,t,conflict", CASES)
+@pytest.mark.parametrize("seed,t,conflict", CASES[:3])
 def test_cagrad_with_c_zero_is_the_mean_gradient(seed, t, conflict):
     g = gradients(seed, t, conflict=conflict)
     np.testing.assert_allclose(
-        np_(W.cagrad_direction(g, c_alpha=0.0)), g.mean(0), rtol=1e-5, atol=1e-6
+        np_(W.cagrad_direction(g, c_alpha=0.0, iterations=10)), g.mean(0), rtol=1e-5, atol=1e-6
     )
 
 
