@@ -286,3 +286,25 @@ def test_files_saved_before_the_package_load_with_their_state(name):
     state = [np.ravel(np_(v)) for v in model.task_weighting.weights]
     state = np.concatenate(state) if state else np.zeros(0)
     np.testing.assert_allclose(state, saved[f"{name}_state"], rtol=1e-6)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="on torch export_saved_model goes through the .keras file and a "
+    "TensorFlow subprocess (a minute; tests/test_export.py covers that route); "
+    "the methods do not change `call`, which is what is exported",
+)
+def test_a_gradient_trained_model_exports_as_before(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    import keras_moe
+
+    x, y = tiny_data()
+    model = tiny_model("pcgrad", representation=True)
+    model.compile("adam", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    path = keras_moe.export_saved_model(model, tmp_path / "saved_model")
+    served = tf.saved_model.load(path).serve(tf.constant(x))
+    expected = model.predict(x, verbose=0)
+    assert set(served) == {"a", "b"}
+    for task in ("a", "b"):
+        np.testing.assert_allclose(np.asarray(served[task]), expected[task], atol=1e-5)
