@@ -191,3 +191,34 @@ def test_av_digits(tmp_path):
     assert "inputs ['audio', 'image']; serving max |difference|" in out
     assert (tmp_path / "plots" / "block1_moe_group_expert.png").exists()
     assert (tmp_path / "plots" / "block1_moe_test_modality_expert.png").exists()
+
+
+def test_multimnist(tmp_path):
+    """The task-balancing example, tiny: the three strategies, their
+    accuracies (finite), the reload check; its model is the runner's
+    MultiMNIST model."""
+    out = run_example("multimnist.py", "--epochs", "1", "--train-size", "256",
+                      "--test-size", "256", "--output-dir", str(tmp_path))
+    for strategy in ("fixed", "mgda_ub", "pcgrad"):
+        line = next(l for l in out.splitlines() if l.startswith(f"RESULT strategy={strategy} "))
+        values = [float(item.split("=")[1]) for item in line.split()[2:]]
+        assert all(0.0 <= v < 1e3 for v in values), line
+    difference = float(out.split("max |difference| ")[1].split()[0])
+    assert difference < 1e-5
+    from keras_moe.models import MultiTaskModel
+
+    inputs, outputs = runner("mtl_methods").MultiMNIST().layers()
+    same = MultiTaskModel(inputs, outputs)
+    assert f"multimnist model: {same.count_params():,} parameters" in out
+
+
+def test_mtl_methods_runner(capsys):
+    """The task-balancing grid, tiny: one epoch of the synthetic benchmark
+    (no data file), the single-task baseline, a loss-based, a full-gradient
+    and a representation-mode method; RESULT lines and the table."""
+    out = run_runner("mtl_methods", "--benchmarks", "synthetic", "--methods",
+                     "famo,pcgrad,mgda_ub", "--seeds", "0", "--epochs", "1",
+                     capsys=capsys)
+    for method in ("stl", "famo", "pcgrad", "mgda_ub"):
+        assert f"RESULT benchmark=synthetic method={method} seed=0 y1_mse=" in out
+    assert "| pcgrad |" in out and "Δm %" in out
