@@ -42,12 +42,6 @@ every method on four benchmarks and several seeds (docs/task_weighting.md).
 import argparse
 import os
 
-import keras
-import numpy as np
-
-from keras_moe.datasets import multi_mnist
-from keras_moe.models import MultiTaskModel
-
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
 parser = argparse.ArgumentParser(description="Task balancing on MultiMNIST")
 parser.add_argument("--data", default=SAMPLE,
@@ -63,6 +57,13 @@ parser.add_argument("--strategies", default="fixed,mgda_ub,pcgrad",
 parser.add_argument("--output-dir", default="runs/multimnist")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+
+# Keras (and its backend) load after the arguments are read: `--help` is instant.
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_moe.datasets import multi_mnist  # noqa: E402
+from keras_moe.models import MultiTaskModel  # noqa: E402
 
 """
 ## The data

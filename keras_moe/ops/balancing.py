@@ -8,18 +8,15 @@ logged or tested.
 from keras import ops
 
 from keras_moe.ops import selection
+from keras_moe.utils.tensors import flat_mask
 
 
 def token_weights(mask):
     """`(N,)` float32 weights of the tokens a `mask` keeps (1) and drops (0),
     or `None` for no mask. `mask`: any shape with `N` elements, bool or
     numeric (nonzero keeps)."""
-    if mask is None:
-        return None
-    mask = ops.reshape(ops.convert_to_tensor(mask), (-1,))
-    if mask.dtype != "bool":
-        mask = ops.not_equal(mask, 0)
-    return ops.cast(mask, "float32")
+    mask = flat_mask(mask)
+    return None if mask is None else ops.cast(mask, "float32")
 
 
 def masked_mean(values, mask=None):
@@ -38,6 +35,15 @@ def masked_mean(values, mask=None):
     keep = ops.reshape(weights > 0, shape)
     total = ops.sum(ops.where(keep, values, ops.zeros_like(values)), axis=0)
     return total / ops.cast(ops.maximum(ops.sum(weights), 1.0), values.dtype)
+
+
+def mean_entropy(probs, mask=None):
+    """Mean entropy (nats) of the router distributions `probs` `(..., N, E)`
+    of `N` tokens, over the tokens of `mask` `(N,)` only (then averaged over
+    any leading axes, e.g. `T` tasks' routers)."""
+    probs = ops.cast(probs, "float32")
+    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
+    return ops.mean(masked_mean(ops.moveaxis(entropy, -1, 0), mask))
 
 
 def load_balancing_loss(probs, expert_index, num_experts, mask=None):

@@ -42,18 +42,9 @@ def register(*names):
     return decorate
 
 
-def boolean(name, value):
-    """A real `True` or `False`."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False. Received: {name}={value!r}")
-    return value
-
-
 def optional_seed(value):
-    """`None` or an integer seed."""
-    if value is None:
-        return None
-    return check.non_negative_int("seed", value)
+    """`None` or an integer seed in [0, 2**32 - 1]."""
+    return check.seed("seed", value)
 
 
 class TaskWeighting(keras.layers.Layer):
@@ -89,7 +80,7 @@ class TaskWeighting(keras.layers.Layer):
                 f"{type(self).__name__} takes the vector of task losses, of "
                 f"shape (num_tasks,). Received: input_shape={input_shape}"
             )
-        self.num_tasks = check.positive_int("num_tasks", input_shape[0])
+        self.num_tasks = check.positive_int("num_tasks", input_shape[0], check.MAX_TASKS)
 
     def _per_task(self, name, value):
         """A number for every task, or a list of one number per task."""

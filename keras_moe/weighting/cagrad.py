@@ -126,7 +126,7 @@ class CAGrad(WeightedGradientWeighting):
         super().__init__(**kwargs)
         self.c_alpha = check.non_negative_float("c_alpha", c_alpha)
         self.rescale = check.one_of("rescale", rescale, CAGRAD_RESCALES)
-        self.iterations = check.positive_int("iterations", iterations)
+        self.iterations = check.positive_int("iterations", iterations, check.MAX_ITERATIONS)
 
     def gram_weights(self, gram, task_losses):
         return cagrad_weights(gram, self.c_alpha, self.rescale, self.iterations)

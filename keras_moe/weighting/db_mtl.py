@@ -66,7 +66,9 @@ class DBMTL(GradientWeighting):
     def __init__(self, beta=0.9, beta_sigma=0.0, num_parameters=None, **kwargs):
         super().__init__(**kwargs)
         if num_parameters is not None:
-            num_parameters = check.positive_int("num_parameters", num_parameters)
+            num_parameters = check.positive_int(
+                "num_parameters", num_parameters, check.MAX_WEIGHT_ELEMENTS
+            )
         self.num_parameters = num_parameters
         beta = check.non_negative_float("beta", beta)
         if beta >= 1.0:

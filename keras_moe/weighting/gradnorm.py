@@ -5,7 +5,7 @@ import keras
 from keras import ops
 
 from keras_moe.utils import validation as check
-from keras_moe.weighting.base import _EPSILON, TaskWeighting, boolean, register
+from keras_moe.weighting.base import _EPSILON, TaskWeighting, register
 
 GRADNORM_OPTIMIZERS = ("adam", "sgd")
 
@@ -119,7 +119,7 @@ class GradNorm(TaskWeighting):
         self.weight_optimizer = check.one_of(
             "weight_optimizer", weight_optimizer, GRADNORM_OPTIMIZERS
         )
-        self.log_weights = boolean("log_weights", log_weights)
+        self.log_weights = check.boolean("log_weights", log_weights)
 
     def build(self, input_shape):
         super().build(input_shape)

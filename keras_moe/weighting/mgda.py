@@ -130,7 +130,7 @@ class MGDA(WeightedGradientWeighting):
         self.normalization = check.one_of(
             "normalization", normalization, MGDA_NORMALIZATIONS
         )
-        self.iterations = check.positive_int("iterations", iterations)
+        self.iterations = check.positive_int("iterations", iterations, check.MAX_ITERATIONS)
 
     def gram_weights(self, gram, task_losses):
         return mgda_weights(gram, task_losses, self.normalization, self.iterations)

@@ -100,7 +100,7 @@ class NashMTL(WeightedGradientWeighting):
 
     def __init__(self, iterations=25, max_norm=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.iterations = check.positive_int("iterations", iterations)
+        self.iterations = check.positive_int("iterations", iterations, check.MAX_ITERATIONS)
         self.max_norm = check.non_negative_float("max_norm", max_norm)
 
     def gram_weights(self, gram, task_losses):

@@ -97,7 +97,7 @@ class UPGrad(WeightedGradientWeighting):
         super().__init__(**kwargs)
         self.norm_eps = check.non_negative_float("norm_eps", norm_eps)
         self.reg_eps = check.non_negative_float("reg_eps", reg_eps)
-        self.iterations = check.positive_int("iterations", iterations)
+        self.iterations = check.positive_int("iterations", iterations, check.MAX_ITERATIONS)
 
     def gram_weights(self, gram, task_losses):
         return upgrad_weights(gram, self.norm_eps, self.reg_eps, self.iterations)
