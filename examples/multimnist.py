@@ -40,6 +40,8 @@ every method on four benchmarks and several seeds (docs/task_weighting.md).
 """
 
 import argparse
+import importlib.util
+import logging
 import os
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
@@ -58,7 +60,28 @@ parser.add_argument("--output-dir", default="runs/multimnist")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
-# Keras (and its backend) load after the arguments are read: `--help` is instant.
+# Keras (and its backend) load after the arguments are read: `--help` is
+# instant. TensorFlow's C++ log lines (oneDNN notices, CPU features) say
+# nothing about this example: hide them unless you chose a log level. They
+# are written while TensorFlow's libraries load, so stderr points at
+# /dev/null meanwhile. Keras loads TensorFlow, when it is installed, on the
+# first `model.save` under every backend: under JAX and PyTorch it is
+# loaded here, quietly.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
