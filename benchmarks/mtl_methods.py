@@ -355,21 +355,20 @@ def build(bench, method, seed, loss_weights=None):
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of the training batches after the first epoch (the first
-    holds the compilation)."""
+    """Wall time of the training batches after the first `skip` (the first
+    holds the compilation; the median of the rest is robust to the
+    retracing of a last, smaller batch)."""
 
-    def __init__(self):
+    def __init__(self, skip=2):
         super().__init__()
-        self.times, self.epoch = [], 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.times, self.seen, self.skip = [], 0, skip
 
     def on_train_batch_begin(self, batch, logs=None):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.epoch > 0:
+        self.seen += 1
+        if self.seen > self.skip:
             self.times.append(time.perf_counter() - self.start)
 
 
