@@ -303,7 +303,8 @@ def test_a_gradient_trained_model_exports_as_before(tmp_path):
     model.compile("adam", loss="mse")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     path = keras_moe.export_saved_model(model, tmp_path / "saved_model")
-    served = tf.saved_model.load(path).serve(tf.constant(x))
+    artifact = tf.saved_model.load(path)  # kept: it owns the variables
+    served = artifact.serve(tf.constant(x))
     expected = model.predict(x, verbose=0)
     assert set(served) == {"a", "b"}
     for task in ("a", "b"):
