@@ -468,6 +468,8 @@ def run_timing(args):
                 modes = [("representation", EXTRA_METHODS[method][0])]
             elif cls.needs_task_gradients and cls.supports_representation:
                 modes = [("parameters", method), ("representation", method)]
+            elif cls.needs_task_gradients:  # DB-MTL: no representation mode
+                modes = [("parameters", method)]
             else:
                 modes = [("norms" if cls.needs_gradient_norms else "losses", method)]
             for mode, weighting in modes:
