@@ -575,9 +575,9 @@ def plot(rows, path):
         seeds = max(v["delta_m"][2] for v in methods.values())
         ax.set_title(f"{name}: mean of {seeds} seeds")
         ax.grid(alpha=0.3)
-    fig.suptitle("Task 1 against task 2 (blue: loss-based, red: gradient-based, "
-                 "black: single-task; stars: the Pareto front)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle("Task 1 against task 2\n(blue: loss-based, red: gradient-based, "
+                 "black: single-task; stars: the Pareto front)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     print(f"saved {path}")
 
