@@ -48,10 +48,11 @@ def report(row):
 
 def train_step(model, x, y):
     """One `train_on_batch`, waiting for the result (asynchronous backends
-    would otherwise return before the step is done)."""
+    would otherwise return before the step is done). A model with several
+    outputs returns a list (the loss and one per output): all are read."""
     import numpy as np
 
-    float(np.asarray(model.train_on_batch(x, y)))
+    float(np.sum(np.asarray(model.train_on_batch(x, y), dtype="float64")))
 
 
 def interleaved_times(models, x, y, warmup, reps):

@@ -1,4 +1,7 @@
-"""Box metrics for normalised `[y1, x1, y2, x2]` boxes."""
+"""Box metrics for normalised `[y1, x1, y2, x2]` boxes, and the multi-task
+comparison `delta_m`."""
+
+import math
 
 import keras
 from keras import ops
@@ -100,4 +103,87 @@ class BoxIoU(keras.metrics.Metric):
         return config
 
 
-__all__ = ["BoxIoU"]
+
+
+def delta_m(results, baselines, higher_is_better):
+    """The multi-task performance change `Delta_m` (Maninis et al., 2019):
+    the mean relative change of every metric against a baseline (usually
+    the single-task models), in percent; positive is better.
+
+    `Delta_m = 100 / K sum_k s_k (M_k - B_k) / B_k`, with `s_k = +1` when a
+    higher value of metric `k` is better (accuracy, AUC) and `-1` when a
+    lower one is (error, loss, MSE).
+
+    Args:
+        results: the model's `K` metrics: a dict `{name: value}` or a
+            sequence.
+        baselines: the baseline's metrics, the same names (dict) or length.
+        higher_is_better: one bool for all metrics, or one per metric (a
+            dict with the same names, or a sequence).
+
+    Returns:
+        `Delta_m` in percent, a float.
+
+    Example:
+
+    >>> round(delta_m({"acc": 0.9, "mse": 0.5}, {"acc": 0.8, "mse": 0.4},
+    ...               {"acc": True, "mse": False}), 4)
+    -6.25
+
+    References:
+        Maninis, Radosavovic, Kokkinos. Attentive Single-Tasking of
+        Multiple Tasks. CVPR 2019.
+    """
+    if isinstance(results, dict) != isinstance(baselines, dict):
+        raise ValueError(
+            "results and baselines must both be dicts or both be sequences. "
+            f"Received: results={results!r}, baselines={baselines!r}"
+        )
+    if isinstance(results, dict):
+        if sorted(results) != sorted(baselines):
+            raise ValueError(
+                "results and baselines must name the same metrics. Received: "
+                f"results={sorted(results)}, baselines={sorted(baselines)}"
+            )
+        names = list(results)
+        values = [results[n] for n in names]
+        reference = [baselines[n] for n in names]
+        if isinstance(higher_is_better, dict):
+            if sorted(higher_is_better) != sorted(names):
+                raise ValueError(
+                    "higher_is_better must name every metric. Received: "
+                    f"higher_is_better={sorted(higher_is_better)}, metrics={sorted(names)}"
+                )
+            higher_is_better = [higher_is_better[n] for n in names]
+    else:
+        values, reference = list(results), list(baselines)
+        if len(values) != len(reference):
+            raise ValueError(
+                "results and baselines must have the same length. Received: "
+                f"len(results)={len(values)}, len(baselines)={len(reference)}"
+            )
+    if not values:
+        raise ValueError("delta_m needs at least one metric. Received: results={}")
+    if isinstance(higher_is_better, bool):
+        higher_is_better = [higher_is_better] * len(values)
+    higher_is_better = list(higher_is_better)
+    if len(higher_is_better) != len(values) or not all(
+        isinstance(h, bool) for h in higher_is_better
+    ):
+        raise ValueError(
+            "higher_is_better must be a bool or one bool per metric. Received: "
+            f"higher_is_better={higher_is_better!r}, {len(values)} metrics"
+        )
+    total = 0.0
+    for value, base, higher in zip(values, reference, higher_is_better):
+        value, base = float(value), float(base)
+        if base == 0.0 or not math.isfinite(base) or not math.isfinite(value):
+            raise ValueError(
+                "delta_m needs finite metrics and non-zero baselines. Received: "
+                f"results={results!r}, baselines={baselines!r}"
+            )
+        total += (1.0 if higher else -1.0) * (value - base) / base
+    return 100.0 * total / len(values)
+
+
+__all__ = ["BoxIoU", "delta_m"]

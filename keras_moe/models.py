@@ -1,19 +1,26 @@
-"""Multi-task models whose task losses are weighted by a learned or adaptive
-scheme (uncertainty weighting, GradNorm) inside the ordinary `compile`/`fit`.
+"""Multi-task models trained with a task weighting or a gradient-balancing
+method (`keras_moe.weighting`) inside the ordinary `compile`/`fit`.
+
+`MultiTaskModel` reads the per-task losses from Keras' compiled loss,
+combines them with its `task_weighting`, and, for the methods that need
+task gradients, finds the parameters the tasks share (or takes a shared
+representation) and hands the per-backend step of `keras_moe._autodiff`
+what it needs.
 """
+
+import math
 
 import keras
 from keras import ops
 
 from keras_moe import _autodiff
+from keras_moe import _task_graph as task_graph
 from keras_moe import weighting as weighting_module
 from keras_moe.utils.keras_internals import (
     aggregate_additional_loss,
     compiled_loss,
     compiled_loss_entries,
-    inbound_node,
     keeps_compiled_loss_entries,
-    keras_history,
     set_compiled_loss_entries,
 )
 
@@ -54,14 +61,20 @@ class _TaskLossRecorder:
         self.num_tasks = num_tasks
         self.values = {}
         self.entries = []  # (task index, constant loss weight) per loss
-        # The losses of the last compute_loss: (T,) and a list of T scalars.
+        # The losses of the last compute_loss: (T,) and a list of T scalars;
+        # the task objectives of a gradient method (a list of T scalars) and
+        # the sum of the `add_loss` losses (None without any).
         self.task_losses = None
         self.task_loss_list = None
+        self.objective_list = None
+        self.additional_loss = None
 
     def start(self):
         self.values = {}
         self.task_losses = None
         self.task_loss_list = None
+        self.objective_list = None
+        self.additional_loss = None
 
     def wrap(self, index, task, loss_fn, loss_weight):
         self.entries.append((task, loss_weight))
@@ -94,80 +107,70 @@ class _TaskLossRecorder:
         return [ops.zeros((), "float32") if v is None else v for v in per_task]
 
 
-def _task_names(model, outputs):
-    if isinstance(outputs, dict):
-        names = sorted(outputs)  # the order of keras.tree.flatten
-        flat = [outputs[name] for name in names]
-    elif isinstance(outputs, (list, tuple)):
-        names = list(model.output_names)
-        flat = list(outputs)
-    else:
-        return list(model.output_names)
-    if any(keras.tree.is_nested(output) for output in flat):
-        raise ValueError(
-            "MultiTaskModel needs one output tensor per task: a list, tuple "
-            "or dict of tensors, not a nested structure. Received: "
-            f"outputs={keras.tree.map_structure(lambda _: '*', outputs)}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(
-            "MultiTaskModel needs distinct task (output) names; pass a dict "
-            f"of outputs to name them. Received: task names {names}"
-        )
-    return names
+class _EndEpoch(keras.callbacks.Callback):
+    """Closes the epoch of an epoch-based weighting (DWA) in `fit`."""
 
+    def __init__(self, weighting):
+        super().__init__()
+        self.weighting = weighting
 
-def _ancestor_layers(tensor):
-    """Every layer that `tensor` depends on in its functional graph."""
-    found, seen_nodes = {}, set()
-    stack = [tensor]
-    while stack:
-        current = stack.pop()
-        history = keras_history(current)
-        if history is None:
-            continue
-        operation, node_index = history[0], history[1]
-        key = (id(operation), node_index)
-        if key in seen_nodes:
-            continue
-        seen_nodes.add(key)
-        found[id(operation)] = operation
-        node = inbound_node(operation, node_index)
-        stack.extend(keras.tree.flatten(node.input_tensors))
-    return found
+    def on_epoch_end(self, epoch, logs=None):
+        self.weighting.end_epoch()
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class MultiTaskModel(keras.Model):
-    """A functional multi-task model whose task losses are weighted by a
-    fixed, uncertainty-based or GradNorm scheme, inside `compile`/`fit`.
+    """A functional multi-task model trained with a task weighting or a
+    gradient-balancing method, inside `compile`/`fit`.
 
     Built like a functional `keras.Model`, with one output per task (a list
     or dict of tensors), and compiled as usual with one loss per task. For
     a training step with task losses `L_t` (each already multiplied by its
-    `compile(loss_weights=...)` factor, if any), the minimised loss is
+    `compile(loss_weights=...)` factor, if any):
 
-    - `task_weighting=None` / `"fixed"`: `sum_t L_t` (plain Keras);
-    - `"uncertainty"` / `UncertaintyWeighting(...)`:
-      `sum_t exp(-s_t) L_t + s_t`, `s_t` trainable log-variances;
-    - `"gradnorm"` / `GradNorm(...)`: `sum_t w_t L_t`, the weights `w_t`
-      updated after each step from the task gradient norms on the last
-      shared layer;
+    - a loss-based weighting (`None`/`"fixed"`, `"uncertainty"`, `"dwa"`,
+      `"rlw"`, `"gls"`, `"imtl_l"`, `"famo"`) minimises its total, e.g.
+      `sum_t L_t` (plain Keras) or `sum_t exp(-s_t) L_t + s_t`;
+    - `"gradnorm"` minimises `sum_t w_t L_t`, the weights updated after
+      each step from the task gradient norms on the last shared layer;
+    - a gradient method (`"mgda"`, `"pcgrad"`, `"graddrop"`, `"gradvac"`,
+      `"cagrad"`, `"imtl_g"`, `"imtl"`, `"nash_mtl"`, `"aligned_mtl"`,
+      `"upgrad"`, `"db_mtl"`) replaces the gradient of the shared
+      parameters by its combination of the task gradients
+      (`keras_moe.weighting`); the other parameters get the sum of their
+      task gradients.
 
-    plus the losses added with `add_loss` (routing losses, regularizers).
-    `fit` logs Keras' usual `loss` and `<task>_loss` (unweighted), and the
-    current factor of every task loss as `<task>_weight`
-    (`loss_weights_t * weight_t`). The weighting's state is part of the
-    model: it saves to and reloads from `.keras`.
+    The losses added with `add_loss` (routing losses, regularizers) are
+    added unchanged. `fit` logs Keras' usual `loss` and `<task>_loss`
+    (unweighted), and the current factor of every task loss as
+    `<task>_weight` (`loss_weights_t * weight_t`; for a gradient method,
+    the weight of the task gradient in the update of the previous step).
+    The weighting's state is part of the model: it saves to and reloads
+    from `.keras`.
+
+    The shared parameters of a gradient method are, by default, those of
+    every layer that two or more task outputs depend on (found by walking
+    the functional graph); `shared_layers` names them instead. With
+    `representation`, the task gradients are taken with respect to the
+    output of one shared layer instead (MGDA-UB's "representation"
+    gradients, `T` backward passes through the heads and one through the
+    trunk instead of `T` full ones), and the combined gradient is sent
+    back through the trunk.
 
     Args:
         inputs: the model inputs (`keras.Input` tensors).
         outputs: a list, tuple or dict of output tensors, one per task. The
             task names are the output layer names (list) or the keys (dict).
         name: the model name.
-        task_weighting: `None`/`"fixed"`, `"uncertainty"`, `"gradnorm"`, or
-            a `keras_moe.weighting` instance (`UncertaintyWeighting`,
-            `GradNorm`, `FixedWeighting`) to set its options.
+        task_weighting: a name from `keras_moe.weighting.WEIGHTINGS`, `None`
+            (fixed), or a `keras_moe.weighting` instance to set its options.
+        shared_layers: for a gradient method, the names of the layers whose
+            trainable weights are the shared parameters (default: found
+            automatically).
+        representation: for a gradient method, the name of a layer every
+            task depends on, whose output is the shared representation, or
+            `True` for the last such layer; `None` (default) balances the
+            gradients of the shared parameters.
         **kwargs: other `keras.Model` arguments (e.g. `trainable`).
 
     Example:
@@ -178,7 +181,9 @@ class MultiTaskModel(keras.Model):
     >>> h = keras.layers.Dense(8, activation="relu", name="shared")(x)
     >>> a = keras.layers.Dense(1, name="a")(h)
     >>> b = keras.layers.Dense(1, name="b")(h)
-    >>> model = MultiTaskModel(x, [a, b], task_weighting="uncertainty")
+    >>> model = MultiTaskModel(x, [a, b], task_weighting="pcgrad")
+    >>> [v.path for v in model.shared_variables]
+    ['shared/kernel', 'shared/bias']
     >>> model.compile("adam", loss={"a": "mse", "b": "mse"})
     >>> data = np.random.rand(32, 4).astype("float32")
     >>> history = model.fit(data, {"a": data[:, :1], "b": data[:, 1:2]},
@@ -192,16 +197,71 @@ class MultiTaskModel(keras.Model):
         Chen, Badrinarayanan, Lee, Rabinovich. GradNorm: Gradient
         Normalization for Adaptive Loss Balancing in Deep Multitask
         Networks. ICML 2018.
+        Sener, Koltun. Multi-Task Learning as Multi-Objective Optimization.
+        NeurIPS 2018.
     """
 
-    def __init__(self, inputs, outputs, name=None, *, task_weighting=None, **kwargs):
-        # `task_weighting` is keyword-only so that Keras still treats this
-        # class as functional (`(inputs, outputs, name)` constructor): its
-        # graph config is saved, and `from_config` passes `task_weighting`
-        # back as a keyword argument.
+    def __init__(
+        self,
+        inputs,
+        outputs,
+        name=None,
+        *,
+        task_weighting=None,
+        shared_layers=None,
+        representation=None,
+        **kwargs,
+    ):
+        # The keyword-only arguments keep Keras treating this class as
+        # functional (`(inputs, outputs, name)` constructor): its graph
+        # config is saved, and `from_config` passes them back as keywords.
         super().__init__(inputs, outputs, name=name, **kwargs)
-        self.task_names = _task_names(self, outputs)
+        self.task_names = task_graph.task_names(self, outputs)
         weighting = weighting_module.get(task_weighting)
+        self.shared_layers = task_graph.layer_names("shared_layers", shared_layers)
+        if representation is not None and representation is not True and not (
+            isinstance(representation, str) and representation
+        ):
+            raise ValueError(
+                "representation must be a layer name, True (the last layer "
+                "every task depends on) or None. Received: "
+                f"representation={representation!r}"
+            )
+        if (self.shared_layers or representation is not None) and not (
+            weighting.needs_task_gradients
+        ):
+            raise ValueError(
+                "shared_layers and representation are for the gradient "
+                f"methods; {type(weighting).__name__} does not use them. "
+                f"Received: shared_layers={shared_layers!r}, "
+                f"representation={representation!r}"
+            )
+        if self.shared_layers and representation is not None:
+            raise ValueError(
+                "Give shared_layers or representation, not both. Received: "
+                f"shared_layers={shared_layers!r}, "
+                f"representation={representation!r}"
+            )
+        self.representation = representation
+        self._shared_layer_name = None
+        self._shared_ids = frozenset()
+        self._split = None
+        if weighting.needs_gradient_norms:
+            self._shared_layer_name = task_graph.find_shared_layer(
+                self, getattr(weighting, "shared_layer", None)
+            ).name
+        if weighting.needs_task_gradients:
+            if representation is not None:
+                if not weighting.supports_representation:
+                    weighting.build_gradient_state(None)  # raises
+                self._split = task_graph.split_at_representation(self, representation)
+                weighting.build_gradient_state(None)
+            else:
+                shared = task_graph.find_shared_variables(self, self.shared_layers)
+                self._shared_ids = frozenset(id(v) for v in shared)
+                weighting.build_gradient_state(
+                    sum(int(math.prod(v.shape)) for v in shared)
+                )
         if not weighting.built:
             weighting.build((len(self.task_names),))
         elif weighting.num_tasks != len(self.task_names):
@@ -211,56 +271,10 @@ class MultiTaskModel(keras.Model):
                 f"tasks={self.task_names}"
             )
         self.task_weighting = weighting
-        self._shared_layer_name = None
-        if weighting.needs_gradient_norms:
-            self._shared_layer_name = self._find_shared_layer(
-                getattr(weighting, "shared_layer", None)
-            ).name
         self._task_weight_log = _TaskWeightLog(self.task_names)
         self._recorder = None
 
-    # Shared layer ---------------------------------------------------------
-
-    def _find_shared_layer(self, layer_name):
-        """The named layer (checked to feed every task), or the last layer
-        with trainable weights that every task output depends on."""
-        per_task = [_ancestor_layers(output) for output in self.outputs]
-        shared_ids = set(per_task[0]).intersection(*per_task[1:])
-        if layer_name is not None:
-            try:
-                layer = self.get_layer(layer_name)
-            except ValueError:
-                layer = None
-            if layer is None:
-                raise ValueError(
-                    f"GradNorm's shared_layer is not a layer of the model. "
-                    f"Received: shared_layer={layer_name!r}, layers="
-                    f"{[layer.name for layer in self.layers]}"
-                )
-            if id(layer) not in shared_ids:
-                raise ValueError(
-                    "GradNorm's shared_layer must feed every task output. "
-                    f"Received: shared_layer={layer_name!r}, tasks="
-                    f"{self.task_names}"
-                )
-            if not layer.trainable_weights:
-                raise ValueError(
-                    "GradNorm's shared_layer must have trainable weights. "
-                    f"Received: shared_layer={layer_name!r}"
-                )
-            return layer
-        candidates = [
-            layer
-            for layer in self.layers
-            if id(layer) in shared_ids and layer.trainable_weights
-        ]
-        if not candidates:
-            raise ValueError(
-                "GradNorm needs a layer with trainable weights shared by all "
-                f"tasks, and the model has none. Received: tasks="
-                f"{self.task_names}"
-            )
-        return candidates[-1]  # `layers` is in topological order
+    # Shared layers ----------------------------------------------------------
 
     @property
     def shared_layer(self):
@@ -268,6 +282,18 @@ class MultiTaskModel(keras.Model):
         if self._shared_layer_name is None:
             return None
         return self.get_layer(self._shared_layer_name)
+
+    @property
+    def shared_variables(self):
+        """The shared parameters a gradient method balances (empty
+        otherwise, and in representation mode)."""
+        return [v for v in self.trainable_variables if id(v) in self._shared_ids]
+
+    @property
+    def representation_layer(self):
+        """The layer whose output is the shared representation (`None`
+        without representation mode)."""
+        return None if self._split is None else self.get_layer(self._split.layer_name)
 
     # Compile and losses ---------------------------------------------------
 
@@ -355,25 +381,51 @@ class MultiTaskModel(keras.Model):
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
-        self._recorder.start()
+        recorder = self._recorder
+        recorder.start()
         compiled_loss(self)(y, y_pred, sample_weight)  # also logs <task>_loss
-        per_task = self._recorder.collect()
+        per_task = recorder.collect()
         task_losses = ops.stack(per_task)
-        self._recorder.task_loss_list = per_task
-        self._recorder.task_losses = task_losses
-        total = self.task_weighting(task_losses, training=training)
-        weights = self.task_weighting.current_weights()
+        recorder.task_loss_list = per_task
+        recorder.task_losses = task_losses
+        weighting = self.task_weighting
+        if weighting.needs_task_gradients:
+            objectives = weighting.task_objectives(task_losses)
+            recorder.objective_list = [objectives[t] for t in range(len(per_task))]
+            total = ops.sum(objectives)
+        else:
+            total = weighting(task_losses, training=training)
+        weights = weighting.current_weights()
         self._task_weight_log.update_state(
-            ops.stop_gradient(weights * self._recorder.constant_weights())
+            ops.stop_gradient(weights * recorder.constant_weights())
         )
-        losses = [total]
-        losses.extend(aggregate_additional_loss(loss) for loss in self.losses)
-        return losses[0] if len(losses) == 1 else ops.sum(losses)
+        additional = [aggregate_additional_loss(loss) for loss in self.losses]
+        if additional:
+            recorder.additional_loss = (
+                additional[0] if len(additional) == 1 else ops.sum(additional)
+            )
+            total = total + recorder.additional_loss
+        return total
 
     def train_step(self, *args):
-        if self._recorder is not None and self.task_weighting.needs_gradient_norms:
+        weighting = self.task_weighting
+        if self._recorder is not None and (
+            weighting.needs_gradient_norms or weighting.needs_task_gradients
+        ):
             return _autodiff.task_gradient_train_step(self, *args)
         return super().train_step(*args)
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; an epoch-based weighting (DWA) closes its
+        epochs through a callback added here."""
+        if self.task_weighting.epoch_based:
+            end_epoch = _EndEpoch(self.task_weighting)
+            if len(args) > 5:  # callbacks given by position
+                args = list(args)
+                args[5] = list(args[5] or []) + [end_epoch]
+            else:
+                kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [end_epoch]
+        return super().fit(*args, **kwargs)
 
     # Inspection and serialization ------------------------------------------
 
@@ -388,4 +440,8 @@ class MultiTaskModel(keras.Model):
         config["task_weighting"] = keras.saving.serialize_keras_object(
             self.task_weighting
         )
+        if self.shared_layers is not None:
+            config["shared_layers"] = list(self.shared_layers)
+        if self.representation is not None:
+            config["representation"] = self.representation
         return config

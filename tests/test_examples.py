@@ -294,6 +294,37 @@ def test_text_moe_vs_dense_runner(tmp_path, capsys):
         assert f"TIMING model={model} backend=" in out
 
 
+def test_multimnist(tmp_path):
+    """The task-balancing example, tiny: the three strategies, their
+    accuracies (finite), the reload check; its model is the runner's
+    MultiMNIST model."""
+    out = run_example("multimnist.py", "--epochs", "1", "--train-size", "256",
+                      "--test-size", "256", "--output-dir", str(tmp_path))
+    for strategy in ("fixed", "mgda_ub", "pcgrad"):
+        line = next(l for l in out.splitlines() if l.startswith(f"RESULT strategy={strategy} "))
+        values = [float(item.split("=")[1]) for item in line.split()[2:]]
+        assert all(0.0 <= v < 1e3 for v in values), line
+    difference = float(out.split("max |difference| ")[1].split()[0])
+    assert difference < 1e-5
+    from keras_moe.models import MultiTaskModel
+
+    inputs, outputs = runner("mtl_methods").MultiMNIST().layers()
+    same = MultiTaskModel(inputs, outputs)
+    assert f"multimnist model: {same.count_params():,} parameters" in out
+
+
+def test_mtl_methods_runner(capsys):
+    """The task-balancing grid, tiny: one epoch of the synthetic benchmark
+    (no data file), the single-task baseline, a loss-based, a full-gradient
+    and a representation-mode method; RESULT lines and the table."""
+    out = run_runner("mtl_methods", "--benchmarks", "synthetic", "--methods",
+                     "famo,pcgrad,mgda_ub", "--seeds", "0", "--epochs", "1",
+                     capsys=capsys)
+    for method in ("stl", "famo", "pcgrad", "mgda_ub"):
+        assert f"RESULT benchmark=synthetic method={method} seed=0 y1_mse=" in out
+    assert "| pcgrad |" in out and "Δm %" in out
+
+
 @pytest.mark.parametrize("name", sorted(
     f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py")))
 def test_help_answers_before_keras_loads(name):

@@ -24,7 +24,15 @@ ROWS = (
     ("ops", ("keras_moe.ops", "keras_moe.activations", "keras_moe.boxes")),
     ("task losses and metrics", ("keras_moe.losses", "keras_moe.metrics")),
     ("layers", ("keras_moe.layers",)),
-    ("models", ("keras_moe.models", "keras_moe.weighting", "keras_moe._autodiff")),
+    (
+        "models",
+        (
+            "keras_moe.models",
+            "keras_moe.weighting",
+            "keras_moe._autodiff",
+            "keras_moe._task_graph",
+        ),
+    ),
     (
         "tools",
         (
@@ -37,6 +45,7 @@ ROWS = (
             "keras_moe.resizing",
             "keras_moe.upcycling",
             "keras_moe.testing",
+            "keras_moe.datasets",
         ),
     ),
 )

@@ -115,3 +115,37 @@ def test_in_compiled_model_fit_and_evaluate_match_reference():
 def test_docstring_examples_run():
     result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+# delta_m -------------------------------------------------------------------
+
+
+def test_delta_m_on_hand_computed_cases():
+    # Two accuracies: +10% relative on one, -5% on the other: mean +2.5%.
+    assert metrics.delta_m([0.88, 0.76], [0.8, 0.8], True) == pytest.approx(2.5)
+    # An error going from 0.2 to 0.1 is a 50% improvement.
+    assert metrics.delta_m([0.1], [0.2], False) == pytest.approx(50.0)
+    # Mixed directions, by name (the order of the keys does not matter).
+    got = metrics.delta_m(
+        {"mse": 0.3, "auc": 0.7}, {"auc": 0.5, "mse": 0.2}, {"auc": True, "mse": False}
+    )
+    assert got == pytest.approx(100 * (0.4 - 0.5) / 2)
+    # The baseline against itself is 0.
+    assert metrics.delta_m([3.0, 4.0], [3.0, 4.0], [True, False]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (([1.0], [0.0], True), "non-zero baselines"),
+        (([1.0, 2.0], [1.0], True), "same length"),
+        (({"a": 1.0}, {"b": 1.0}, True), "same metrics"),
+        (([1.0], [1.0], "yes"), "higher_is_better"),
+        (([1.0, 2.0], [1.0, 2.0], [True]), "higher_is_better"),
+        (([], [], True), "at least one"),
+        (([float("nan")], [1.0], True), "finite"),
+    ],
+)
+def test_delta_m_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.delta_m(*args)

@@ -24,6 +24,7 @@ MAX_TASKS = 1024  # tasks of a multi-task layer (a gate and an output each)
 MAX_TASK_IDS = 2**20  # rows of a TaskRouter's (tasks, experts) table
 MAX_LEVELS = 16  # PLE levels, head hidden layers (PLE's paper: 1-3 levels)
 MAX_VOCAB = 2**22  # HashRouter table rows (LLM vocabularies: ~2**18)
+MAX_ITERATIONS = 2**14  # solver iterations of a task weighting (defaults: 25-100)
 # Elements of any one weight: XLA and TensorFlow index tensors with int32
 # (JAX aborted the process on a larger SoftMoE slot kernel).
 MAX_WEIGHT_ELEMENTS = 2**31 - 1

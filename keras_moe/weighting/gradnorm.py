@@ -1,189 +1,21 @@
-"""Task loss weightings for multi-task models: fixed, uncertainty, GradNorm.
-
-A task weighting turns the vector of the `T` task losses `L = (L_1..L_T)` of
-a training step into the one scalar that is minimised. It is a Keras layer
-(it owns its state as variables, so it trains, saves and reloads with the
-model); `keras_moe.models.MultiTaskModel(..., task_weighting=...)` plugs it
-into `compile`/`fit`. Each class documents its math; see
-`docs/task_weighting.md` for when to use which.
-"""
+"""GradNorm (Chen et al., 2018): task weights that balance the norms of
+the task gradients on the last shared layer."""
 
 import keras
 from keras import ops
 
 from keras_moe.utils import validation as check
+from keras_moe.weighting.base import _EPSILON, TaskWeighting, register
 
-WEIGHTINGS = ("fixed", "uncertainty", "gradnorm")
 GRADNORM_OPTIMIZERS = ("adam", "sgd")
 
-_EPSILON = 1e-12
 # With additive steps (`log_weights=False`), GradNorm keeps every weight at
 # least this large before renormalising, so that a weight never reaches 0
 # (or goes negative) and the sum stays > 0.
 _MIN_WEIGHT = 1e-4
 
 
-class TaskWeighting(keras.layers.Layer):
-    """Base class: maps the task losses `(T,)` to the total loss `()`.
-
-    Subclasses create their state in `build((T,))` and implement
-    `current_weights()` (the factor applied to each task loss) and, if the
-    total is not `sum_t w_t L_t`, `call`. A weighting that needs the norms
-    of the per-task gradients (GradNorm) sets `needs_gradient_norms = True`
-    and implements `update(task_losses, grad_norms)`; `MultiTaskModel` calls
-    it after each training step.
-
-    Weightings run in float32 whatever the global dtype policy.
-    """
-
-    needs_gradient_norms = False
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.num_tasks = None
-
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 1 or input_shape[0] is None:
-            raise ValueError(
-                f"{type(self).__name__} takes the vector of task losses, of "
-                f"shape (num_tasks,). Received: input_shape={input_shape}"
-            )
-        self.num_tasks = check.positive_int("num_tasks", input_shape[0])
-
-    def _per_task(self, name, value):
-        """A number for every task, or a list of one number per task."""
-        if isinstance(value, (list, tuple)):
-            if len(value) != self.num_tasks:
-                raise ValueError(
-                    f"{name} must be one number or one number per task. "
-                    f"Received: len({name})={len(value)}, "
-                    f"num_tasks={self.num_tasks}"
-                )
-            return list(value)
-        return [value] * self.num_tasks
-
-    def current_weights(self):
-        """The factor `(T,)` each task loss is multiplied by."""
-        return ops.ones((self.num_tasks,), "float32")
-
-    def call(self, task_losses, training=None):
-        task_losses = ops.cast(task_losses, "float32")
-        return ops.sum(self.current_weights() * task_losses)
-
-    def compute_output_shape(self, input_shape):
-        return ()
-
-
-@keras.saving.register_keras_serializable(package="keras_moe")
-class FixedWeighting(TaskWeighting):
-    """Fixed weighting: the plain sum of the task losses, `sum_t L_t`.
-
-    With `MultiTaskModel`, `L_t` already includes the constant factor of
-    `compile(loss_weights=...)`, so this is exactly Keras' own weighted sum.
-
-    Args:
-        **kwargs: base `Layer` arguments.
-
-    Call arguments:
-        task_losses: `(T,)` task losses.
-        training: unused.
-
-    Returns:
-        The scalar total loss.
-
-    Example:
-
-    >>> import numpy as np
-    >>> float(FixedWeighting()(np.array([1.0, 2.5], "float32")))
-    3.5
-    """
-
-
-@keras.saving.register_keras_serializable(package="keras_moe")
-class UncertaintyWeighting(TaskWeighting):
-    """Homoscedastic-uncertainty weighting (Kendall, Gal and Cipolla, 2018).
-
-    Every task gets a trainable log-variance `s_t = log sigma_t^2`, trained
-    with the model by the same optimizer, and the total loss is
-
-    `total = sum_t exp(-s_t) L_t + s_t`.
-
-    This is twice Kendall et al.'s objective for regression tasks,
-    `sum_t L_t / (2 sigma_t^2) + log sigma_t` with `s = log sigma^2`:
-    the factor 2 changes neither the minimiser nor the direction of the
-    gradients, only their scale, and the same form is used for every loss
-    (the paper's classification form, `L_t / sigma_t^2 + log sigma_t`, has
-    the same minimiser up to a factor 2 in the variance). For fixed `L_t`
-    the optimum is `exp(s_t) = L_t`: the learned variance tracks the task
-    loss (the noise variance for a mean squared error), and noisy tasks are
-    down-weighted by `exp(-s_t)`. The `s_t` term keeps the weights from
-    collapsing to 0.
-
-    Args:
-        initial_log_variance: starting `s_t`, one number for all tasks or
-            a list of one per task (default 0: weight 1).
-        **kwargs: base `Layer` arguments.
-
-    Call arguments:
-        task_losses: `(T,)` task losses.
-        training: unused.
-
-    Returns:
-        The scalar total loss.
-
-    Example:
-
-    >>> import numpy as np
-    >>> weighting = UncertaintyWeighting(initial_log_variance=[0.0, 1.0])
-    >>> total = weighting(np.array([2.0, 2.0], "float32"))
-    >>> round(float(keras.ops.convert_to_numpy(total)), 4)
-    3.7358
-
-    References:
-        Kendall, Gal, Cipolla. Multi-Task Learning Using Uncertainty to
-        Weigh Losses for Scene Geometry and Semantics. CVPR 2018.
-    """
-
-    def __init__(self, initial_log_variance=0.0, **kwargs):
-        super().__init__(**kwargs)
-        if isinstance(initial_log_variance, (list, tuple)):
-            initial_log_variance = [
-                check.finite_float("initial_log_variance", v)
-                for v in initial_log_variance
-            ]
-        else:
-            initial_log_variance = check.finite_float(
-                "initial_log_variance", initial_log_variance
-            )
-        self.initial_log_variance = initial_log_variance
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        initial = self._per_task("initial_log_variance", self.initial_log_variance)
-        self.log_variance = self.add_weight(
-            name="log_variance",
-            shape=(self.num_tasks,),
-            initializer=keras.initializers.Constant(initial),
-            trainable=True,
-            dtype="float32",
-        )
-
-    def current_weights(self):
-        return ops.exp(-ops.convert_to_tensor(self.log_variance))
-
-    def call(self, task_losses, training=None):
-        task_losses = ops.cast(task_losses, "float32")
-        s = ops.convert_to_tensor(self.log_variance)
-        return ops.sum(ops.exp(-s) * task_losses + s)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(initial_log_variance=self.initial_log_variance)
-        return config
-
-
+@register("gradnorm")
 @keras.saving.register_keras_serializable(package="keras_moe")
 class GradNorm(TaskWeighting):
     """GradNorm: adaptive task weights that balance gradient norms (Chen et
@@ -369,30 +201,3 @@ class GradNorm(TaskWeighting):
             log_weights=self.log_weights,
         )
         return config
-
-
-_BY_NAME = {
-    "fixed": FixedWeighting,
-    "uncertainty": UncertaintyWeighting,
-    "gradnorm": GradNorm,
-}
-
-
-def get(identifier):
-    """A `TaskWeighting` from `None`/`"fixed"`, `"uncertainty"`,
-    `"gradnorm"`, a weighting instance, or its serialized config."""
-    if identifier is None:
-        return FixedWeighting()
-    if isinstance(identifier, TaskWeighting):
-        return identifier
-    if isinstance(identifier, dict):
-        weighting = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(weighting, TaskWeighting):
-            return weighting
-    if isinstance(identifier, str) and identifier.lower() in _BY_NAME:
-        return _BY_NAME[identifier.lower()]()
-    raise ValueError(
-        f"task_weighting must be one of {list(WEIGHTINGS)}, None, or a "
-        "TaskWeighting instance (e.g. GradNorm(alpha=1.0)). Received: "
-        f"task_weighting={identifier!r}"
-    )
