@@ -30,6 +30,7 @@ from keras_moe.ops import balancing
 from keras_moe.ops import dispatching as dispatch_ops
 from keras_moe.ops import dropless as dropless_ops
 from keras_moe.ops import planning
+from keras_moe.utils import replicas
 from keras_moe.utils import validation as check
 
 
@@ -345,7 +346,8 @@ class MultiGateMoE(keras.layers.Layer):
             dispatch_ops.dense_gates(plan, weights), (num_tokens, t_count, e)
         )
         gates = ops.transpose(gates, (1, 0, 2))  # (T, N, E), kept pairs only
-        usage = normalize_rows(ops.sum(gates, axis=1))
+        # Over the global batch under data parallelism (keras_moe.utils.replicas).
+        usage = normalize_rows(replicas.cross_replica_sum(ops.sum(gates, axis=1)))
         routed, kept = dispatch_ops.expert_counts(plan, selected=selected)
         total = ops.maximum(ops.sum(routed), 1.0)
 
