@@ -14,12 +14,23 @@ import sys
 import time
 
 
+# `--backends` takes the three backends and `tensorflow-graph`: TensorFlow
+# with `jit_compile=False` (a `tf.function` graph without XLA, where the
+# grouped-matmul kernel runs; see docs/performance.md).
+BACKENDS = ("tensorflow", "jax", "torch", "tensorflow-graph")
+_NO_XLA = "KERAS_MOE_BENCH_NO_XLA"
+
+
 def run_worker(script, backend, argv, env=None):
-    """Runs `python script *argv` under `backend`; returns its RESULT rows.
+    """Runs `python script *argv` under `backend` (one of `BACKENDS`);
+    returns its RESULT rows.
 
     Exits with the worker's output tail when it fails or reports nothing.
     """
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    env = dict(env or {})
+    if backend == "tensorflow-graph":
+        backend, env[_NO_XLA] = "tensorflow", "1"
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **env)
     out = subprocess.run([sys.executable, script, *argv], env=env,
                          capture_output=True, text=True)
     rows = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
@@ -63,3 +74,21 @@ def median_ratio(times, a, b):
     """Median of the per-rep ratios `a / b` (robust to a slow rep that hits
     both models)."""
     return statistics.median(p / q for p, q in zip(times[a], times[b]))
+
+
+def jit_compile():
+    """The `jit_compile` of the models of this worker: XLA on TensorFlow and
+    JAX (not for `tensorflow-graph`), eager on torch."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        return False
+    return os.environ.get(_NO_XLA) != "1"
+
+
+def backend_label():
+    """This worker's backend as `--backends` names it."""
+    import keras
+
+    name = keras.backend.backend()
+    return "tensorflow-graph" if os.environ.get(_NO_XLA) == "1" else name

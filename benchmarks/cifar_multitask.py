@@ -437,7 +437,7 @@ class EpochLine(keras.callbacks.Callback):
                  f"{now - self.started:4.0f} s (~{left:.0f} s left)",
                  f"loss {logs.get('loss', float('nan')):.3f}",
                  f"class accuracy {logs.get('class_accuracy', float('nan')):.3f}",
-                 f"box IoU {logs.get('box_box_iou', logs.get('box_iou', float('nan'))):.3f}"]
+                 f"box IoU {logs.get('box_iou', float('nan')):.3f}"]
         if "token_moe_dropped" in logs:
             parts.append(f"token MoE dropped {100 * logs['token_moe_dropped']:.0f}%")
         gates = [f"{t} {logs[f'task_moe_{t}_experts']:.1f}" for t in TASKS

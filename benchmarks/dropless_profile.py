@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 
+import _harness
 from _harness import interleaved_times, median_ratio, report, run_worker
 
 HERE = os.path.abspath(__file__)
@@ -117,7 +118,7 @@ def make_variant(keras, name, n, d, h, e, k):
     inputs = keras.Input((d,), batch_size=n)
     model = keras.Model(inputs, layer(inputs))
     model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse",
-                  jit_compile=keras.backend.backend() != "torch")
+                  jit_compile=_harness.jit_compile())
     return model, block_size, num_rows
 
 
@@ -136,7 +137,7 @@ def worker(args):
                 keras, name, n, args.dim, args.hidden, e, k
             )
         times = interleaved_times(models, x, y, args.warmup, args.reps)
-        report({"backend": keras.backend.backend(), "N": n, "k": k, "E": e,
+        report({"backend": _harness.backend_label(), "N": n, "k": k, "E": e,
                "B": block_size, "R": num_rows,
                "ms": {v: 1000 * statistics.median(t) for v, t in times.items()},
                "over_ffn": {v: median_ratio(times, v, "ffn") for v in times}})

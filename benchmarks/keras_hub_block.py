@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 
+import _harness
 from _harness import interleaved_times, median_ratio, report, run_worker
 
 HERE = os.path.abspath(__file__)
@@ -41,7 +42,7 @@ def worker(args):
             outputs = outputs[0]
         model = keras.Model(inputs, outputs)
         model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse",
-                      jit_compile=keras.backend.backend() != "torch")
+                      jit_compile=_harness.jit_compile())
         return model
 
     rng = np.random.default_rng(0)
@@ -61,7 +62,7 @@ def worker(args):
             - np.asarray(models["keras_moe"].predict_on_batch(x)))))
         times = interleaved_times(models, x, y, args.warmup, args.reps)
         report({
-            "backend": keras.backend.backend(), "E": e,
+            "backend": _harness.backend_label(), "E": e,
             "hub_ms": 1000 * statistics.median(times["keras_hub"]),
             "ours_ms": 1000 * statistics.median(times["keras_moe"]),
             "ratio": median_ratio(times, "keras_hub", "keras_moe"), "diff": diff})

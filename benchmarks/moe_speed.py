@@ -18,7 +18,9 @@ hidden width `h` (default 1024):
   holds `E x N x h` activations: gigabytes and seconds per step beyond).
 
 `train`: one forward+backward+SGD step (`train_on_batch`; XLA-compiled with
-`jit_compile=True` on TensorFlow and JAX, eager on torch). The models of a
+`jit_compile=True` on TensorFlow and JAX, eager on torch; the pseudo-backend
+`tensorflow-graph` is TensorFlow with `jit_compile=False`, a graph without
+XLA, where the grouped-matmul kernel runs). The models of a
 configuration are timed interleaved, rep by rep, each timed step right after
 an untimed step of the same model (so one model's memory traffic does not
 land on the next), and the table gives the medians over `--reps` reps and
@@ -53,7 +55,7 @@ import time
 import _harness
 from _harness import interleaved_times, median_ratio, report, train_step
 
-BACKENDS = ("tensorflow", "jax", "torch")
+BACKENDS = ("tensorflow", "jax", "torch")  # and "tensorflow-graph" (_harness)
 HERE = os.path.abspath(__file__)
 
 
@@ -99,7 +101,7 @@ def make_models(keras, n_tokens, d, h, e, k, cf, names, eval_cf=2.0, block_size=
         m.compile(
             optimizer=keras.optimizers.SGD(1e-3),
             loss="mse",
-            jit_compile=keras.backend.backend() != "torch",
+            jit_compile=_harness.jit_compile(),
         )
         return m
 
@@ -166,7 +168,7 @@ def train_worker(args):
         def ratio(a, b):
             return median_ratio(times, a, b)
 
-        row = {"backend": keras.backend.backend(), "N": n, "k": k, "E": e}
+        row = {"backend": _harness.backend_label(), "N": n, "k": k, "E": e}
         row["ms"] = {name: 1000 * statistics.median(t) for name, t in times.items()}
         row["over_ffn"] = {name: ratio(name, "ffn") for name in times}
         row["over_roofline"] = {name: ratio(name, "roofline") for name in times}
@@ -201,7 +203,7 @@ def memory_worker(args):
     peak = rss_kib("VmHWM")
     weights = sum(v.numpy().nbytes for v in model.trainable_weights)
     report({
-        "backend": keras.backend.backend(), "N": n, "k": k, "E": e, "cf": cf,
+        "backend": _harness.backend_label(), "N": n, "k": k, "E": e, "cf": cf,
         "model": args.model, "step_mib": (peak - base) / 1024,
         "weights_mib": weights / 2**20,
     })
@@ -227,7 +229,7 @@ def latency_worker(args):
                     np.asarray(m.predict_on_batch(x))
                     if rep >= args.warmup:
                         times[name].append(time.perf_counter() - start)
-            row = {"backend": keras.backend.backend(), "E": e, "k": args.k[0], "batch": batch}
+            row = {"backend": _harness.backend_label(), "E": e, "k": args.k[0], "batch": batch}
             row.update({f"{name}_ms": 1000 * statistics.median(t) for name, t in times.items()})
             report(row)
 

@@ -66,14 +66,10 @@ Four models with the same active compute per token:
 """
 
 import argparse
+import importlib.util
+import logging
 import os
 import time
-
-import keras
-import numpy as np
-from keras import layers, ops
-
-from keras_moe.layers import SparseMoE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -102,6 +98,87 @@ TEST_SEED = 12345  # test pairs and test noise: drawn once
 BATCH_SIZE = 128
 LEARNING_RATE = 3e-3
 MODALITY_DROPOUT = 0.1
+
+
+def model_list(text):
+    names = MODELS if text == "all" else tuple(n.strip() for n in text.split(",") if n)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown models {unknown}; choose from {MODELS}")
+    return names
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--setting", choices=("clean", "hard"), default="clean")
+    parser.add_argument("--images", default=IMAGES,
+                        help="an .npz with x_train/y_train/x_test/y_test (default: "
+                             "../shared/data/mnist_small.npz)")
+    parser.add_argument("--audio", default=AUDIO,
+                        help="an .npz with audio/length/digit/speaker/recording_index "
+                             "(default: ../shared/data/fsdd_spoken_digits.npz)")
+    parser.add_argument("--test-images", default=None,
+                        help="a separate test .npz with x_test/y_test")
+    parser.add_argument("--test-audio", default=None,
+                        help="a separate test .npz with audio/length/digit/speaker "
+                             "(then all of --audio is training audio)")
+    parser.add_argument("--models", type=model_list, default=MODELS,
+                        help="comma-separated, or 'all' (default)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-balance-weight", type=float, default=0.0,
+                        help="weight of the per-modality Switch loss (0: off)")
+    parser.add_argument("--experts", type=int, default=8,
+                        help="routed experts per SparseMoE")
+    parser.add_argument("--k", type=int, default=1, help="experts per token")
+    parser.add_argument("--expert-hidden", type=int, default=128,
+                        help="hidden width of each expert")
+    parser.add_argument("--shared-experts", type=int, default=0,
+                        help="experts every token uses (DeepSeekMoE-style)")
+    parser.add_argument("--local-entropy-weight", type=float, default=0.0,
+                        help="LIMoE's per-token entropy loss")
+    parser.add_argument("--global-entropy-weight", type=float, default=0.0,
+                        help="LIMoE's per-modality global entropy loss")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="use the first N training images (smoke tests)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="use the first N test images (smoke tests)")
+    parser.add_argument("--output-dir", default="runs/av_digits",
+                        help="routing plots and the SavedModel go here")
+    return parser.parse_args(argv)
+
+
+# The arguments are read before Keras is imported, so that `--help` and a
+# mistyped flag answer at once instead of after the backend has loaded.
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+# TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+from keras_moe.layers import SparseMoE  # noqa: E402
 
 """
 ## Data: images, recordings, and how they are split
@@ -576,6 +653,21 @@ def compile_model(model, steps, learning_rate):
     )
 
 
+class EpochLine(keras.callbacks.Callback):
+    """One short line per epoch instead of Keras' line of every metric."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        print(f"  epoch {epoch + 1:>2}/{self.params['epochs']} "
+              f"{time.time() - self.started:4.0f} s | loss {logs.get('loss', float('nan')):.3f}"
+              f" | digit accuracy {logs.get('digit_accuracy', float('nan')):.3f}"
+              f" | speaker accuracy {logs.get('speaker_accuracy', float('nan')):.3f}",
+              flush=True)
+
+
 def accuracies(model, x, y, batch_size):
     inputs = {name: x[name] for name in model.input}
     predictions = model.predict(inputs, batch_size=batch_size, verbose=0)
@@ -640,52 +732,7 @@ def export_and_check(model, export_dir, x):
     return diff
 
 
-def model_list(text):
-    names = MODELS if text == "all" else tuple(n.strip() for n in text.split(",") if n)
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown models {unknown}; choose from {MODELS}")
-    return names
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--setting", choices=("clean", "hard"), default="clean")
-    parser.add_argument("--images", default=IMAGES,
-                        help="an .npz with x_train/y_train/x_test/y_test (default: "
-                             "../shared/data/mnist_small.npz)")
-    parser.add_argument("--audio", default=AUDIO,
-                        help="an .npz with audio/length/digit/speaker/recording_index "
-                             "(default: ../shared/data/fsdd_spoken_digits.npz)")
-    parser.add_argument("--test-images", default=None,
-                        help="a separate test .npz with x_test/y_test")
-    parser.add_argument("--test-audio", default=None,
-                        help="a separate test .npz with audio/length/digit/speaker "
-                             "(then all of --audio is training audio)")
-    parser.add_argument("--models", type=model_list, default=MODELS,
-                        help="comma-separated, or 'all' (default)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--group-balance-weight", type=float, default=0.0,
-                        help="weight of the per-modality Switch loss (0: off)")
-    parser.add_argument("--experts", type=int, default=8,
-                        help="routed experts per SparseMoE")
-    parser.add_argument("--k", type=int, default=1, help="experts per token")
-    parser.add_argument("--expert-hidden", type=int, default=128,
-                        help="hidden width of each expert")
-    parser.add_argument("--shared-experts", type=int, default=0,
-                        help="experts every token uses (DeepSeekMoE-style)")
-    parser.add_argument("--local-entropy-weight", type=float, default=0.0,
-                        help="LIMoE's per-token entropy loss")
-    parser.add_argument("--global-entropy-weight", type=float, default=0.0,
-                        help="LIMoE's per-modality global entropy loss")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="use the first N training images (smoke tests)")
-    parser.add_argument("--test-size", type=int, default=None,
-                        help="use the first N test images (smoke tests)")
-    parser.add_argument("--output-dir", default="runs/av_digits",
-                        help="routing plots and the SavedModel go here")
-    args = parser.parse_args()
+def main(args):
 
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_images(args.images, args.test_images)
@@ -733,7 +780,7 @@ def main():
         print(f"\n{name}: {model.count_params():,} parameters, "
               f"{args.epochs} epochs of {len(train)} steps")
         start = time.time()
-        model.fit(train, epochs=args.epochs, verbose=2, callbacks=callbacks)
+        model.fit(train, epochs=args.epochs, verbose=0, callbacks=callbacks + [EpochLine()])
         seconds = time.time() - start
         scores = accuracies(model, x_eval, y_eval, eval_batch)
         line = (f"RESULT model={name} setting={args.setting} "
@@ -748,8 +795,8 @@ def main():
             for missing in MODALITIES:
                 x = dict(x_eval, **{missing: np.zeros_like(x_eval[missing])})
                 alone = accuracies(model, x, y_eval, eval_batch)
-                line = (f"MISSING model={name} setting={args.setting} "
-                        f"missing={missing} digit_accuracy={alone['digit']:.4f} "
+                line = (f"ONE_MODALITY model={name} setting={args.setting} "
+                        f"zeroed={missing} digit_accuracy={alone['digit']:.4f} "
                         f"speaker_accuracy={alone['speaker']:.4f} seed={args.seed}")
                 print(line)
         if name == "moe_fusion":
@@ -775,4 +822,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -34,12 +34,9 @@ dense and sparse gates, PLE; several seeds); its numbers are in
 import argparse
 import csv
 import gzip
+import importlib.util
+import logging
 import os
-
-import keras
-import numpy as np
-
-from keras_moe.layers import BinaryHead, MultiGateMoE, default_compile_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 parser = argparse.ArgumentParser(description="MMoE on the census-income data")
@@ -54,6 +51,34 @@ parser.add_argument("--epochs", type=int, default=30, help="at most (early stopp
 parser.add_argument("--batch-size", type=int, default=1024)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+
+
+# TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_moe.layers import BinaryHead, MultiGateMoE, default_compile_args  # noqa: E402
+
 if not os.path.exists(args.data):
     parser.error(f"the census file {os.path.normpath(args.data)} does not exist. Pass "
                  "the UCI census-income (KDD) table as a CSV (plain or gzipped) with "

@@ -48,14 +48,35 @@ the same compute, sparse MMoE gates, ...).
 """
 
 import argparse
+import importlib.util
 import logging
 import os
 import time
 
+parser = argparse.ArgumentParser(description="CIFAR-10 class + box with a multi-task MoE")
+parser.add_argument("--data", default="sample",
+                    help="'sample' (examples/data/cifar10_sample.npz, shipped), 'keras' "
+                         "(keras.datasets.cifar10, downloaded), or an .npz with "
+                         "x_train/y_train/x_test/y_test")
+parser.add_argument("--epochs", type=int, default=12)
+parser.add_argument("--batch-size", type=int, default=64)
+parser.add_argument("--width", type=float, default=0.75, help="backbone width multiplier")
+parser.add_argument("--train-size", type=int, default=None, help="first N training images")
+parser.add_argument("--test-size", type=int, default=None, help="first N test images")
+parser.add_argument("--output-dir", default="runs/cifar_multitask")
+parser.add_argument("--verbose", type=int, default=0,
+                    help="0: one short line per epoch; 1: Keras' progress bar with "
+                         "every routing metric")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+
 # TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
-# this example: hide them unless you chose a log level. TensorFlow writes
-# some while its libraries load, so stderr is closed while Keras imports it
-# (an import error is still printed: stderr is back by then).
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -63,6 +84,9 @@ if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
     os.dup2(_devnull, 2)
     try:
         import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
     finally:
         os.dup2(_stderr, 2)
         os.close(_stderr)
@@ -81,23 +105,6 @@ from keras_moe.layers import (  # noqa: E402
     SparseMoE,
     default_compile_args,
 )
-
-parser = argparse.ArgumentParser(description="CIFAR-10 class + box with a multi-task MoE")
-parser.add_argument("--data", default="sample",
-                    help="'sample' (examples/data/cifar10_sample.npz, shipped), 'keras' "
-                         "(keras.datasets.cifar10, downloaded), or an .npz with "
-                         "x_train/y_train/x_test/y_test")
-parser.add_argument("--epochs", type=int, default=12)
-parser.add_argument("--batch-size", type=int, default=64)
-parser.add_argument("--width", type=float, default=0.75, help="backbone width multiplier")
-parser.add_argument("--train-size", type=int, default=None, help="first N training images")
-parser.add_argument("--test-size", type=int, default=None, help="first N test images")
-parser.add_argument("--output-dir", default="runs/cifar_multitask")
-parser.add_argument("--verbose", type=int, default=0,
-                    help="0: one short line per epoch; 1: Keras' progress bar with "
-                         "every routing metric")
-parser.add_argument("--seed", type=int, default=0)
-args = parser.parse_args()
 
 keras.utils.set_random_seed(args.seed)
 CANVAS = 64
@@ -378,13 +385,13 @@ class EpochLine(keras.callbacks.Callback):
         now, epochs = time.time(), self.params["epochs"]
         left = (now - self.first) / (epoch + 1) * (epochs - epoch - 1)
         value = {name: logs.get(name, float("nan")) for name in (
-            "loss", "class_accuracy", "box_box_iou", "token_moe_dropped",
+            "loss", "class_accuracy", "box_iou", "token_moe_dropped",
             "task_moe_class_experts", "task_moe_box_experts")}
         parts = [f"epoch {epoch + 1:>2}/{epochs}",
                  f"{now - self.started:4.0f} s (~{left:.0f} s left)",
                  f"loss {value['loss']:.3f}",
                  f"class accuracy {value['class_accuracy']:.3f}",
-                 f"box IoU {value['box_box_iou']:.3f}",
+                 f"box IoU {value['box_iou']:.3f}",
                  f"token MoE dropped {100 * value['token_moe_dropped']:.0f}%",
                  "MMoE experts per gate: " + ", ".join(
                      f"{t} {value[f'task_moe_{t}_experts']:.1f}" for t in TASKS)]

@@ -28,13 +28,9 @@ top-1 routing and the three ways of combining the experts' outputs
 """
 
 import argparse
+import importlib.util
+import logging
 import os
-
-import keras
-import numpy as np
-
-from keras_moe.callbacks import RoutingMetrics
-from keras_moe.layers import MixtureOfExperts
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
 parser = argparse.ArgumentParser(description="A mixture of small CNN experts on MNIST")
@@ -49,6 +45,35 @@ parser.add_argument("--test-size", type=int, default=None, help="first N test im
 parser.add_argument("--output-dir", default="runs/mnist_experts")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+
+
+# TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_moe.callbacks import RoutingMetrics  # noqa: E402
+from keras_moe.layers import MixtureOfExperts  # noqa: E402
+
 keras.utils.set_random_seed(args.seed)
 
 """

@@ -31,14 +31,10 @@ python examples/mnist_sparse_moe.py --data keras   # all of MNIST (downloads it)
 """
 
 import argparse
+import importlib.util
+import logging
 import os
 import time
-
-import keras
-import numpy as np
-
-from keras_moe import export_saved_model
-from keras_moe.layers import SparseMoE
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mnist_sample.npz")
 parser = argparse.ArgumentParser(description="A sparse MoE classifier on MNIST rows")
@@ -51,6 +47,35 @@ parser.add_argument("--train-size", type=int, default=None, help="first N traini
 parser.add_argument("--output-dir", default="runs/mnist_sparse_moe")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+
+
+# TensorFlow's C++ log lines (oneDNN notices, CPU features) say nothing about
+# this example: hide them unless you chose a log level. They are written
+# while TensorFlow's libraries load, so stderr is pointed at /dev/null
+# meanwhile (an import error is still printed: stderr is back by then).
+# Keras loads TensorFlow, when it is installed, on the first `model.save`
+# under every backend: under JAX and PyTorch it is loaded here, quietly.
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _stderr, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(_devnull, 2)
+    try:
+        import keras
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(_stderr, 2)
+        os.close(_stderr)
+        os.close(_devnull)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_moe import export_saved_model  # noqa: E402
+from keras_moe.layers import SparseMoE  # noqa: E402
+
 keras.utils.set_random_seed(args.seed)
 
 """

@@ -37,6 +37,9 @@ import tempfile
 
 import keras
 
+from keras_moe.ops import grouped
+from keras_moe.utils import validation
+
 # Backends on which Keras' `model.export(format="tf_saved_model")` works.
 DIRECT_BACKENDS = ("tensorflow", "jax")
 _CHILD_BACKEND = "tensorflow"
@@ -298,10 +301,11 @@ def export_saved_model(model, path, *, modules=None, input_signature=None,
         raise ValueError(
             f"model must be built before export. Received: unbuilt model {model.name!r}"
         )
-    if in_subprocess not in (None, True, False):
+    if in_subprocess is not None and not isinstance(in_subprocess, bool):
         raise ValueError(
             f"in_subprocess must be None, True or False. Received: in_subprocess={in_subprocess!r}"
         )
+    verbose = validation.boolean("verbose", verbose)
     if modules is not None:
         if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
             raise ValueError(
@@ -326,8 +330,10 @@ def export_saved_model(model, path, *, modules=None, input_signature=None,
             _export_in_subprocess(model, path, modules, input_signature, verbose,
                                   timeout)
         else:
-            model.export(path, format="tf_saved_model", verbose=verbose,
-                         input_signature=input_signature)
+            # Portable ops only: no backend kernel (keras_moe.ops.grouped).
+            with grouped.use_kernels(False):
+                model.export(path, format="tf_saved_model", verbose=verbose,
+                             input_signature=input_signature)
     except BaseException:
         if not existed and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)  # no half-written artifact
@@ -400,6 +406,8 @@ def export_onnx(model, path, *, input_signature=None, opset_version=None,
     ...                              "b": RegressionHead(1, name="b")(b)})
     >>> path = export_onnx(model, os.path.join(tempfile.mkdtemp(), "m.onnx"))
     """
+    verbose = validation.boolean("verbose", verbose)
+    check = validation.boolean("check", check)
     backend = keras.backend.backend()
     if backend not in _ONNX_CONVERTERS:
         raise ValueError(f"ONNX export supports tensorflow, jax and torch. Received: backend={backend}")
@@ -422,7 +430,7 @@ def export_onnx(model, path, *, input_signature=None, opset_version=None,
     # next call). A stateless scope keeps them out of the model.
     scope = keras.StatelessScope() if backend == "jax" else contextlib.nullcontext()
     try:
-        with scope:
+        with scope, grouped.use_kernels(False):
             model.export(path, format="onnx", verbose=verbose,
                          input_signature=input_signature,
                          opset_version=opset_version)

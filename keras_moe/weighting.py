@@ -287,12 +287,7 @@ class GradNorm(TaskWeighting):
         self.weight_optimizer = check.one_of(
             "weight_optimizer", weight_optimizer, GRADNORM_OPTIMIZERS
         )
-        if not isinstance(log_weights, bool):
-            raise ValueError(
-                f"log_weights must be True or False. Received: "
-                f"log_weights={log_weights!r}"
-            )
-        self.log_weights = log_weights
+        self.log_weights = check.boolean("log_weights", log_weights)
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -34,6 +34,7 @@ ROWS = (
             "keras_moe.export",
             "keras_moe.distribution",
             "keras_moe.interop",
+            "keras_moe.resizing",
             "keras_moe.upcycling",
             "keras_moe.testing",
         ),
@@ -168,3 +169,43 @@ def test_private_keras_api_stays_in_one_module():
             if any(n == "keras.src" or n.startswith("keras.src.") for n in names):
                 found.append(f"{module}:{node.lineno}")
     assert not found, "keras.src imported outside utils/keras_internals: " + ", ".join(found)
+
+
+def test_every_module_has_a_docstring_and_at_most_500_lines():
+    """One concept per module: each says what it holds, and none grows past
+    500 lines (split it by concept instead)."""
+    undocumented, long = [], []
+    for module, (path, _) in MODULES.items():
+        source = path.read_text(encoding="utf-8")
+        if not ast.get_docstring(ast.parse(source, str(path))):
+            undocumented.append(module)
+        lines = source.count("\n")
+        if lines > 500:
+            long.append(f"{module} ({lines} lines)")
+    assert not undocumented, "modules without a docstring: " + ", ".join(undocumented)
+    assert not long, "modules over 500 lines: " + ", ".join(long)
+
+
+BACKENDS = ("tensorflow", "jax", "jaxlib", "torch")
+
+
+def test_backend_code_in_ops_lives_in_ops_backends():
+    """The ops are portable (`keras.ops`); a backend kernel lives in
+    `keras_moe/ops/backends/<backend>.py`, the one place in `keras_moe.ops`
+    that may import a backend framework."""
+    found = []
+    for module, (path, _) in MODULES.items():
+        if not module.startswith("keras_moe.ops") or module.startswith(
+            "keras_moe.ops.backends"
+        ):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n.split(".")[0] in BACKENDS for n in names):
+                found.append(f"{module}:{node.lineno}")
+    assert not found, "backend imports outside keras_moe/ops/backends: " + ", ".join(found)

@@ -9,6 +9,7 @@ from keras_moe.callbacks._stats import (
     _task_names,
     effective_num_experts,
 )
+from keras_moe.utils import validation as check
 
 
 class RoutingMetrics(keras.callbacks.Callback):
@@ -45,7 +46,7 @@ class RoutingMetrics(keras.callbacks.Callback):
 
     def __init__(self, per_expert=False):
         super().__init__()
-        self.per_expert = bool(per_expert)
+        self.per_expert = check.boolean("per_expert", per_expert)
 
     def _read(self, key):
         values = {}

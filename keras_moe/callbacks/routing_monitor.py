@@ -7,9 +7,11 @@ import keras
 import numpy as np
 
 from keras_moe.callbacks._probe import (
+    _class_data,
     _expert_labels,
     _feature_function,
     _is_token_layer,
+    _name_list,
     _RoutingCounts,
 )
 from keras_moe.callbacks._stats import _stats_reader, _task_names
@@ -125,12 +127,12 @@ class RoutingMonitor(keras.callbacks.Callback):
 
             require_matplotlib("RoutingMonitor(plot_dir=...)")
         self.batch_size = check.positive_int("batch_size", batch_size)
-        self.plot_every_epoch = bool(plot_every_epoch)
+        self.plot_every_epoch = check.boolean("plot_every_epoch", plot_every_epoch)
         if self.plot_every_epoch and self.plot_dir is None:
             raise ValueError(
                 "plot_every_epoch=True needs a plot_dir. Received: plot_dir=None"
             )
-        self.log_scalars = bool(log_scalars)
+        self.log_scalars = check.boolean("log_scalars", log_scalars)
         self.layer_names = _name_list("layers", layers)
         self.class_layer_names = _name_list("class_layers", class_layers)
         self.class_data, self.class_names = _class_data(class_data, class_names)
@@ -493,64 +495,3 @@ class RoutingMonitor(keras.callbacks.Callback):
             paths.append(path)
         return paths
 
-
-def _name_list(name, value):
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise ValueError(
-            f"{name} must be a list of layer names. Received: {name}={value!r}"
-        )
-    return list(value)
-
-
-def _class_data(class_data, class_names):
-    """Validated `(x, labels)` (labels: int64 class ids) and class names."""
-    if class_data is None:
-        if class_names is not None:
-            raise ValueError(
-                "class_names needs class_data=(x, labels). Received: "
-                f"class_names={class_names!r}, class_data=None"
-            )
-        return None, None
-    if not isinstance(class_data, (tuple, list)) or len(class_data) != 2:
-        raise ValueError(
-            "class_data must be a pair (x, labels). Received: "
-            f"class_data of type {type(class_data).__name__}"
-        )
-    x, labels = class_data
-    labels = np.asarray(labels)
-    if labels.ndim == 2:  # one-hot rows, or a column of class ids
-        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0]
-    numeric = np.issubdtype(labels.dtype, np.number) and not np.issubdtype(
-        labels.dtype, np.complexfloating
-    )
-    if labels.ndim != 1 or not numeric or not np.all(labels == np.round(labels)):
-        raise ValueError(
-            "class_data labels must be one integer class per example (or "
-            f"one-hot rows). Received: labels of shape {labels.shape} and "
-            f"dtype {labels.dtype}"
-        )
-    num_examples = len(keras.tree.flatten(x)[0])
-    if len(labels) != num_examples:
-        raise ValueError(
-            "class_data must have one label per example. Received: "
-            f"{num_examples} examples and {len(labels)} labels"
-        )
-    if len(labels) == 0 or labels.min() < 0:
-        raise ValueError(
-            "class_data labels must be class ids >= 0 (and not empty). "
-            f"Received: labels with minimum {labels.min() if len(labels) else None}"
-        )
-    num_classes = int(labels.max()) + 1
-    if class_names is None:
-        class_names = [str(c) for c in range(num_classes)]
-    else:
-        class_names = [str(name) for name in class_names]
-        if len(class_names) < num_classes:
-            raise ValueError(
-                "class_names must name every class in the labels. Received: "
-                f"{len(class_names)} class_names for labels up to "
-                f"{num_classes - 1}"
-            )
-    return (x, labels.astype("int64")), class_names

@@ -1,14 +1,17 @@
 """Helpers shared by the multi-task layers (`MultiGateMoE`, `CGC`, `PLE`):
-gate initializers, gate entropy, telemetry and input checks."""
+gate initializers, telemetry and input checks."""
 
 import keras
 from keras import ops
 
 from keras_moe.layers.routers import default_router_initializer
-from keras_moe.ops import balancing
+from keras_moe.utils import validation as check
+
 
 def gate_initializer(value):
-    return keras.initializers.get(value or default_router_initializer())
+    return check.initializer(
+        "gate_kernel_initializer", value or default_router_initializer()
+    )
 
 
 def fresh_initializer(initializer, offset):
@@ -22,14 +25,6 @@ def fresh_initializer(initializer, offset):
     if offset and isinstance(seed, int):
         config = dict(config, config=dict(inner, seed=seed + offset))
     return keras.initializers.deserialize(config)
-
-
-def mean_entropy(probs, mask=None):
-    """Mean entropy (nats) of the distributions `probs` `(..., N, E)` of
-    `N` tokens, over the tokens of `mask` `(N,)` only."""
-    probs = ops.cast(probs, "float32")
-    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
-    return ops.mean(balancing.masked_mean(ops.moveaxis(entropy, -1, 0), mask))
 
 
 def normalize_rows(mass):
@@ -55,13 +50,16 @@ def as_compute_dtype(layer, x):
     return ops.cast(x, layer.compute_dtype)
 
 
-def flat_tokens(x, d):
-    return ops.reshape(x, (-1, d))
-
-
 def check_last_dim(layer, shape, expected):
     if shape[-1] != expected:
         raise ValueError(
             f"{layer.name}: the last input dimension must be {expected}, as "
             f"when the layer was built. Received: input shape {tuple(shape)}"
         )
+
+
+def check_call_input(layer, shape, expected):
+    """A token layer's call input: rank >= 2 with the last dimension it was
+    built for, `expected`."""
+    check.token_input_shape(type(layer).__name__, tuple(shape))
+    check_last_dim(layer, tuple(shape), expected)

@@ -1,5 +1,6 @@
 """Shared handling of the `routing_inputs=` ids of id-based routers."""
 
+import numpy as np
 from keras import ops
 
 from keras_moe.utils.tensors import concrete_values  # noqa: F401  (TaskRouter)
@@ -35,3 +36,45 @@ def as_int32(ids):
             f"with dtype {ids.dtype}"
         )
     return ops.cast(ids, "int32")
+
+
+def full_rank(value, shape):
+    """Whether `routing_inputs` has the inputs' rank: then it is the router's
+    inputs `(..., d)`, not ids (ids have one dimension fewer, at least)."""
+    value_shape = getattr(value, "shape", None)
+    if value_shape is None:
+        value_shape = np.shape(value)
+    return len(value_shape) == len(shape)
+
+
+def ids_per_token(layer, ids, shape):
+    """Broadcasts ids of one example `(B,)` or one token `(...)` to one id
+    per token of inputs of `shape` `(..., d)`, flat: `(N,)`."""
+    ids = ops.convert_to_tensor(ids)
+    lead = tuple(shape[:-1])
+    rank = len(ids.shape)
+    if rank > len(lead):
+        raise ValueError(
+            f"{layer}: routing_inputs must have the leading shape of "
+            "the inputs (one id per example or per token). Received: "
+            f"routing_inputs shape {tuple(ids.shape)}, inputs "
+            f"shape {tuple(shape)}"
+        )
+    expanded = ops.reshape(ids, tuple(ops.shape(ids)) + (1,) * (len(lead) - rank))
+    return ops.reshape(ops.broadcast_to(expanded, lead), (-1,))
+
+
+def router_tokens(layer, values, shape, dtype):
+    """`routing_inputs` of the inputs' shape `(..., d)`, the router's own
+    inputs (Gemma 4 routes the raw hidden states), as `(N, d)` tokens."""
+    values = ops.cast(values, dtype)
+    given, expected = tuple(values.shape), tuple(shape)
+    if len(given) != len(expected) or any(
+        a is not None and b is not None and a != b for a, b in zip(given, expected)
+    ):
+        raise ValueError(
+            f"{layer}: routing_inputs of the inputs' rank are the "
+            "router's inputs and must have the shape of the inputs. Received: "
+            f"routing_inputs shape {given}, inputs shape {expected}"
+        )
+    return ops.reshape(values, (-1, ops.shape(values)[-1]))

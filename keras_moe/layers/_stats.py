@@ -1,5 +1,7 @@
 """Routing statistics kept in a layer's non-trainable state."""
 
+from keras import ops
+
 
 def statistic(layer, name, shape):
     """A float32, non-trainable, zero-initialised variable of `layer` for a
@@ -21,3 +23,10 @@ def statistic(layer, name, shape):
         autocast=False,
         aggregation="mean",
     )
+
+
+def record(layer, **values):
+    """Assigns each routing statistic `name=value` of this call to the
+    layer's variable of that name (float32, no gradient)."""
+    for name, value in values.items():
+        getattr(layer, name).assign(ops.stop_gradient(ops.cast(value, "float32")))

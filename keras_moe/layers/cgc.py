@@ -6,18 +6,21 @@ from keras import ops
 
 from keras_moe.layers._multitask import (
     as_compute_dtype,
-    check_last_dim,
-    flat_tokens,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
-    mean_entropy,
     normalize_rows,
     stats_to_numpy,
 )
-from keras_moe.layers._stats import statistic
-from keras_moe.layers.experts import Experts, expert_options_config
-from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
-from keras_moe.ops import balancing, selection
+from keras_moe.layers._stats import record, statistic
+from keras_moe.layers.expert_bank import (
+    expert_options_config,
+    make_experts,
+    pop_expert_options,
+    quantized_dtype_config,
+)
+from keras_moe.layers.experts import per_expert_initializer
+from keras_moe.ops import balancing, pipeline, selection
 from keras_moe.utils import validation as check
 
 
@@ -85,12 +88,14 @@ class CGC(keras.layers.Layer):
         shared_output: also output the shared mixture (last element).
         k: `None` (dense gates) or the number of gate weights kept,
             `k <= m_t + m_s`.
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer: expert options (`Experts`).
         gate_kernel_initializer: initializer of the gate kernels (default:
             Switch's router init, near-uniform gates at the start).
         task_names: `T` distinct names used in telemetry.
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and the expert options of every
+            bank (see `Experts`): `activation` (default `"relu"`), `gated`,
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `glu_limit`,
+            `glu_linear_offset`, `output_scale`.
 
     Call arguments:
         inputs: one tensor `(..., d)` read by every branch, or a list of
@@ -135,25 +140,19 @@ class CGC(keras.layers.Layer):
         output_dim=None,
         shared_output=False,
         k=None,
-        activation="relu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
         gate_kernel_initializer=None,
         task_names=None,
         **kwargs,
     ):
+        expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
         self.num_task_experts = check.non_negative_int(
-            "num_task_experts", num_task_experts
+            "num_task_experts", num_task_experts, check.MAX_EXPERTS
         )
         self.num_shared_experts = check.non_negative_int(
-            "num_shared_experts", num_shared_experts
+            "num_shared_experts", num_shared_experts, check.MAX_EXPERTS
         )
         per_gate = self.num_task_experts + self.num_shared_experts
         if per_gate == 0:
@@ -165,7 +164,7 @@ class CGC(keras.layers.Layer):
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
-        self.shared_output = bool(shared_output)
+        self.shared_output = check.boolean("shared_output", shared_output)
         if k is not None:
             k = check.positive_int("k", k)
             if k > per_gate:
@@ -181,30 +180,31 @@ class CGC(keras.layers.Layer):
         self.total_experts = self.num_tasks * self.num_task_experts + (
             self.num_shared_experts
         )
-        self.expert_options = dict(
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=self.dtype_policy,
+        check.positive_int(
+            "num_tasks * num_task_experts + num_shared_experts",
+            self.total_experts,
+            check.MAX_EXPERTS,
         )
         self.task_experts = (
-            Experts(
+            make_experts(
+                self,
                 self.num_tasks * self.num_task_experts,
+                self.hidden_dim,
+                expert_options,
+                self.output_dim,
                 name="task_experts",
-                **self.expert_options,
             )
             if self.num_task_experts
             else None
         )
         self.shared_experts = (
-            Experts(
-                self.num_shared_experts, name="shared_experts", **self.expert_options
+            make_experts(
+                self,
+                self.num_shared_experts,
+                self.hidden_dim,
+                expert_options,
+                self.output_dim,
+                name="shared_experts",
             )
             if self.num_shared_experts
             else None
@@ -275,27 +275,21 @@ class CGC(keras.layers.Layer):
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
         task_inputs, shared_input = self._split_inputs(inputs)
-        check.token_input_shape(type(self).__name__, tuple(shared_input.shape))
         expected = (self.task_experts or self.shared_experts).kernel_in.shape[1]
-        check_last_dim(self, tuple(shared_input.shape), expected)
+        check_call_input(self, shared_input.shape, expected)
         t, m, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
-        shape = ops.shape(shared_input)
-        d = shape[-1]
-        shared_tokens = flat_tokens(shared_input, d)
-        num_tokens = ops.shape(shared_tokens)[0]
+        view = pipeline.token_view(shared_input, _one_mask(mask), self.name)
+        shared_tokens, valid = view.tokens, view.valid
+        num_tokens, d = ops.shape(shared_tokens)[0], ops.shape(shared_tokens)[-1]
         if task_inputs is None:
             task_tokens = ops.broadcast_to(shared_tokens[None], (t, num_tokens, d))
         else:
-            task_tokens = ops.stack([flat_tokens(x, d) for x in task_inputs])
-        valid = check.token_mask(self.name, _one_mask(mask), shared_input)
-        if valid is not None:
-            # Masked tokens enter no computation (a select: NaN stays out).
-            shared_tokens = ops.where(
-                valid[:, None], shared_tokens, ops.zeros_like(shared_tokens)
+            # (N, T, d), masked tokens zeroed (a select: NaN stays out)
+            task_tokens = pipeline.mask_rows(
+                ops.stack([ops.reshape(x, (-1, d)) for x in task_inputs], axis=1),
+                valid,
             )
-            task_tokens = ops.where(
-                valid[None, :, None], task_tokens, ops.zeros_like(task_tokens)
-            )
+            task_tokens = ops.transpose(task_tokens, (1, 0, 2))
 
         # Experts: task t's experts read task t's input, shared ones x_s.
         candidates = []  # (T, m_t + m_s, N, o): the experts each task mixes
@@ -325,12 +319,9 @@ class CGC(keras.layers.Layer):
         task_y = ops.einsum(
             "tne,teno->tno", ops.cast(task_gates, candidates.dtype), candidates
         )
-        if valid is not None:  # masked tokens: zero outputs, no statistic
-            task_y = ops.where(valid[None, :, None], task_y, ops.zeros_like(task_y))
+        if valid is not None:  # masked tokens: no statistic
             task_gates = ops.where(valid[None, :, None], task_gates, 0.0)
-        lead = tuple(shape[:-1])
-        o = ops.shape(task_y)[-1]
-        outputs = [ops.reshape(task_y[i], lead + (o,)) for i in range(t)]
+        outputs = [view.restore(task_y[i]) for i in range(t)]
 
         # Telemetry: each task's mean gate, placed at its experts' columns.
         task_usage = balancing.masked_mean(  # (T, m_t + m_s)
@@ -343,7 +334,7 @@ class CGC(keras.layers.Layer):
         if s:
             columns.append(task_usage[:, m:])
         usage = ops.concatenate(columns, axis=1)
-        entropy = mean_entropy(task_gates, valid)
+        entropy = balancing.mean_entropy(task_gates, valid)
         routing = {"task_gates": task_gates}
         if self.shared_output:
             shared_logits = ops.matmul(shared_tokens, self.shared_gate_kernel)
@@ -354,23 +345,21 @@ class CGC(keras.layers.Layer):
             shared_y = ops.einsum(
                 "ne,eno->no", ops.cast(shared_gates, every.dtype), every
             )
-            if valid is not None:
-                shared_y = ops.where(
-                    valid[:, None], shared_y, ops.zeros_like(shared_y)
-                )
-                shared_gates = ops.where(valid[:, None], shared_gates, 0.0)
-            outputs.append(ops.reshape(shared_y, lead + (o,)))
+            shared_gates = pipeline.mask_rows(shared_gates, valid)
+            outputs.append(view.restore(shared_y))
             usage = ops.concatenate(
                 [usage, balancing.masked_mean(shared_gates, valid)[None]], axis=0
             )
-            entropy = (t * entropy + mean_entropy(shared_gates, valid)) / (t + 1)
+            entropy = (t * entropy + balancing.mean_entropy(shared_gates, valid)) / (t + 1)
             routing["shared_gates"] = shared_gates
         expert_load = ops.mean(usage, axis=0)
-        sg = ops.stop_gradient
-        self.task_expert_usage.assign(sg(usage))
-        self.expert_load.assign(sg(expert_load))
-        self.router_entropy.assign(sg(entropy))
-        self.dropped_fraction.assign(ops.zeros((), "float32"))
+        record(
+            self,
+            task_expert_usage=usage,
+            expert_load=expert_load,
+            router_entropy=entropy,
+            dropped_fraction=ops.zeros(()),
+        )
         if return_routing:
             routing.update(task_expert_usage=usage, expert_load=expert_load)
             return outputs, routing

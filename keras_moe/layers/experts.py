@@ -1,26 +1,25 @@
-import re
+"""Expert banks: `E` feed-forward experts stored as stacked weights.
+
+`Experts` holds the weights of `E` two-layer MLPs (plain or GLU) with the
+expert axis first, `(E, in, out)`, and runs them on the layout of each
+dispatch path (`keras_moe.ops.planning.choose_path`): `(E, C, d)` capacity
+buffers (`call`, one batched einsum), expert-sorted blocks (`call_blocks`)
+and expert-sorted rows (`call_grouped`, one grouped matmul per weight, a
+backend kernel). One function, `_ffn`, is the expert; each path supplies
+only its linear map. int8 quantisation is `Int8ExpertsMixin`
+(`_experts_int8.py`); the factory that MoE layers use to own banks is
+`keras_moe.layers.expert_bank`.
+"""
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_moe import activations
+from keras_moe.layers._experts_int8 import BIAS_NAMES, KERNEL_NAMES  # noqa: F401
+from keras_moe.layers._experts_int8 import Int8ExpertsMixin
 from keras_moe.ops.dropless import gather_experts
+from keras_moe.ops.grouped import grouped_matmul
 from keras_moe.utils import validation as check
-from keras_moe.utils.keras_internals import (
-    flatten_layers,
-    mark_quantized,
-    untrack_variable,
-)
-
-# The kernels of an expert bank, in the order they are saved; each has the
-# expert axis first and its input axis second: (E, in, out).
-KERNEL_NAMES = ("kernel_in", "kernel_gate", "kernel_out")
-BIAS_NAMES = ("bias_in", "bias_gate", "bias_out")
-# The weights-file entry of a quantised bank that records whether its
-# activations are quantised too (the bank's own config is not saved when an
-# MoE layer owns it: the MoE layer rebuilds it from its own config).
-_ACTIVATION_FLAG = "int8_activations"
 
 
 def per_expert_initializer(initializer, num_experts):
@@ -42,76 +41,8 @@ def per_expert_initializer(initializer, num_experts):
     return initializer
 
 
-# The per-expert FFN options that MoE layers take and pass to their Experts.
-EXPERT_OPTIONS = (
-    "activation",
-    "gated",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-)
-
-
-def expert_options_config(experts):
-    """The `EXPERT_OPTIONS` of an `Experts` layer, serialized as in its
-    `get_config`, for the `get_config` of a layer that owns it."""
-    config = experts.get_config()
-    return {name: config[name] for name in EXPERT_OPTIONS}
-
-
-def _resolved_policy(layer):
-    """The dtype policy that applies to `layer` (resolving a policy map)."""
-    policy = layer.dtype_policy
-    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy[layer.path] if layer.path else policy.default_policy
-    return policy
-
-
-def quantized_dtype_config(layer, config):
-    """`config` (from `layer.get_config()`) with the dtype policies of the
-    quantised layers under `layer` recorded, so that `from_config` rebuilds
-    them quantised.
-
-    A layer that owns expert banks creates them from its own config with
-    `dtype=layer.dtype_policy`, so a bank's own quantised policy would be
-    lost on reload. This replaces `config["dtype"]` by a
-    `keras.dtype_policies.DTypePolicyMap` whose default is the layer's
-    policy and which maps the path of each quantised sublayer below the
-    layer (a pattern `(.*/)?<layer name>/<sublayer path>`, so the layer may
-    sit in another model or scope on reload) to its `int8_from_...` policy.
-    Unchanged if nothing under `layer` is quantised. Every keras_moe layer
-    that owns an `Experts` bank calls this at the end of `get_config`;
-    call it in your own layers that own one.
-    """
-    entries = {}
-    prefix = f"{layer.path}/" if layer.path else None
-    for sublayer in flatten_layers(layer, include_self=False):
-        if not sublayer.path:
-            continue
-        policy = _resolved_policy(sublayer)
-        if policy.quantization_mode is None:
-            continue
-        if prefix and sublayer.path.startswith(prefix):
-            relative = sublayer.path[len(prefix):]
-        else:
-            relative = sublayer.path.split("/")[-1]
-        pattern = "(?:.*/)?" + re.escape(f"{layer.name}/{relative}")
-        entries[pattern] = policy
-    if not entries:
-        return config
-    default = layer.dtype_policy
-    if isinstance(default, keras.dtype_policies.DTypePolicyMap):
-        default = default.default_policy
-    config["dtype"] = keras.dtype_policies.serialize(
-        keras.dtype_policies.DTypePolicyMap(default_policy=default, policy_map=entries)
-    )
-    return config
-
-
 @keras.saving.register_keras_serializable(package="keras_moe")
-class Experts(keras.layers.Layer):
+class Experts(Int8ExpertsMixin, keras.layers.Layer):
     """A bank of `E` feed-forward experts run as one batched einsum.
 
     Each expert `e` is a two-layer MLP applied to its own buffer of tokens:
@@ -188,6 +119,12 @@ class Experts(keras.layers.Layer):
     Returns:
         `(E, C, o)`.
 
+    The same function on the other layouts of the dispatch paths
+    (`keras_moe.ops.planning.choose_path`; `dispatch_paths` says which this
+    bank's weights allow): `call_blocks` on expert-sorted blocks (dropless)
+    and `call_grouped` on expert-sorted rows through one grouped matmul per
+    weight (`keras_moe.ops.grouped_matmul`, a backend kernel).
+
     Example:
 
     >>> import numpy as np
@@ -223,12 +160,14 @@ class Experts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
         self.output_dim = (
             None
             if output_dim is None
-            else check.positive_int("output_dim", output_dim)
+            else check.positive_int("output_dim", output_dim, check.MAX_WIDTH)
         )
         if isinstance(quantization_config, dict):
             quantization_config = keras.saving.deserialize_keras_object(
@@ -236,7 +175,7 @@ class Experts(keras.layers.Layer):
             )
         self.quantization_config = quantization_config
         self.activation = activations.get(activation)
-        self.gated = bool(gated)
+        self.gated = check.boolean("gated", gated)
         self.glu_limit = (
             None if glu_limit is None else check.positive_float("glu_limit", glu_limit)
         )
@@ -249,12 +188,16 @@ class Experts(keras.layers.Layer):
                 f"gated=True. Received: glu_limit={glu_limit!r}, "
                 f"glu_linear_offset={glu_linear_offset!r}, gated={gated!r}"
             )
-        self.output_scale = bool(output_scale)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.output_scale = check.boolean("output_scale", output_scale)
+        self.use_bias = check.boolean("use_bias", use_bias)
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = check.initializer("bias_initializer", bias_initializer)
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = check.regularizer("bias_regularizer", bias_regularizer)
 
     def _check_input_shape(self, input_shape):
         if len(input_shape) != 3:
@@ -279,6 +222,11 @@ class Experts(keras.layers.Layer):
         d = input_shape[-1]
         e, h = self.num_experts, self.hidden_dim
         o = self.output_dim or d
+        for name, shape in (("kernel_in", (e, d, h)), ("kernel_out", (e, h, o))):
+            check.weight_elements(
+                self.name, name, shape, num_experts=e, input_dim=d,
+                hidden_dim=h, output_dim=o,
+            )
         kernel_init = per_expert_initializer(self.kernel_initializer, e)
 
         def kernel(name, shape):
@@ -326,23 +274,43 @@ class Experts(keras.layers.Layer):
             hidden = hidden + self.glu_linear_offset
         return self.activation(gate) * hidden
 
-    def call(self, inputs):
-        hidden = ops.einsum("ecd,edh->ech", inputs, self.kernel_in)
-        if self.use_bias:
-            hidden = hidden + self.bias_in[:, None, :]
+
+    @property
+    def dispatch_paths(self):
+        """The dispatch paths this bank runs (`keras_moe.ops.planning`):
+        every path with float kernels; capacity buffers only when int8."""
+        if self.quantization_mode is not None:
+            return ("capacity",)
+        return ("capacity", "grouped", "blocks")
+
+    def _ffn(self, x, linear, scale):
+        """The expert, `act(x W1 + b1) W2 + b2` (or the GLU form), on any
+        layout: `linear(x, kernel_name, bias_name)` is the path's `x W + b`
+        with each row's own expert, `scale(y)` its per-expert output scale."""
+        hidden = linear(x, "kernel_in", "bias_in")
         if self.gated:
-            gate = ops.einsum("ecd,edh->ech", inputs, self.kernel_gate)
-            if self.use_bias:
-                gate = gate + self.bias_gate[:, None, :]
-            hidden = self._glu(gate, hidden)
+            hidden = self._glu(linear(x, "kernel_gate", "bias_gate"), hidden)
         else:
             hidden = self.activation(hidden)
-        outputs = ops.einsum("ech,eho->eco", hidden, self.kernel_out)
-        if self.use_bias:
-            outputs = outputs + self.bias_out[:, None, :]
-        if self.output_scale:
-            outputs = outputs * self.expert_scale[:, None, None]
-        return outputs
+        outputs = linear(hidden, "kernel_out", "bias_out")
+        return scale(outputs) if self.output_scale else outputs
+
+    def _scale_buffers(self, outputs):
+        return outputs * self.expert_scale[:, None, None]
+
+    def call(self, inputs):
+        def linear(x, kernel, bias):
+            y = ops.einsum("ecd,edh->ech", x, getattr(self, kernel))
+            return y + getattr(self, bias)[:, None, :] if self.use_bias else y
+
+        return self._ffn(inputs, linear, self._scale_buffers)
+
+    def _check_float(self, method):
+        if self.quantization_mode is not None:
+            raise ValueError(
+                f"{self.name}: {method} needs float kernels; a quantised "
+                f"bank ({self.quantization_mode}) runs on (E, C, d) buffers."
+            )
 
     def call_blocks(self, rows, block_expert, block_size):
         """Runs the experts on expert-sorted rows in blocks (dropless).
@@ -366,35 +334,65 @@ class Experts(keras.layers.Layer):
         Returns:
             `(R, o)`.
         """
-        if self.quantization_mode is not None:
-            raise ValueError(
-                f"{self.name}: call_blocks needs float kernels; a quantised "
-                f"bank ({self.quantization_mode}) runs on (E, C, d) buffers."
-            )
-        d = ops.shape(rows)[-1]
-        x = ops.reshape(rows, (-1, block_size, d))
+        self._check_float("call_blocks")
 
         def weights(variable):
             return gather_experts(
                 variable, block_expert, self.num_experts, block_size
             )
 
-        hidden = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_in))
-        if self.use_bias:
-            hidden = hidden + weights(self.bias_in)[:, None, :]
-        if self.gated:
-            gate = ops.einsum("nbd,ndh->nbh", x, weights(self.kernel_gate))
+        def linear(x, kernel, bias):
+            y = ops.einsum("nbd,ndh->nbh", x, weights(getattr(self, kernel)))
             if self.use_bias:
-                gate = gate + weights(self.bias_gate)[:, None, :]
-            hidden = self._glu(gate, hidden)
-        else:
-            hidden = self.activation(hidden)
-        outputs = ops.einsum("nbh,nho->nbo", hidden, weights(self.kernel_out))
-        if self.use_bias:
-            outputs = outputs + weights(self.bias_out)[:, None, :]
-        if self.output_scale:
-            outputs = outputs * weights(self.expert_scale)[:, None, None]
+                y = y + weights(getattr(self, bias))[:, None, :]
+            return y
+
+        def scale(outputs):
+            return outputs * weights(self.expert_scale)[:, None, None]
+
+        x = ops.reshape(rows, (-1, block_size, ops.shape(rows)[-1]))
+        outputs = self._ffn(x, linear, scale)
         return ops.reshape(outputs, (-1, ops.shape(outputs)[-1]))
+
+    def call_grouped(self, rows, group_sizes, row_expert=None):
+        """Runs the experts on expert-sorted rows, one grouped matmul per
+        weight (`keras_moe.ops.grouped_matmul`: a backend kernel where one
+        runs, see `keras_moe.ops.grouped_kernel_available`).
+
+        `rows` `(R, d)`: expert `e`'s rows are the `group_sizes[e]` rows
+        after those of experts `0..e-1` (a `make_block_plan(block_size=1)`
+        layout); rows past `sum(group_sizes)` are padding and give zeros
+        (before the output scale). The cost is that of the real rows, with
+        no padding to a block size.
+
+        Args:
+            rows: `(R, d)`.
+            group_sizes: `(E,)` int32 rows per expert.
+            row_expert: `(R,)` int32 expert of each row; needed only with
+                `output_scale`.
+
+        Returns:
+            `(R, o)`.
+        """
+        self._check_float("call_grouped")
+
+        def linear(x, kernel, bias):
+            return grouped_matmul(
+                x,
+                getattr(self, kernel),
+                group_sizes,
+                bias=getattr(self, bias) if self.use_bias else None,
+            )
+
+        def scale(outputs):
+            if row_expert is None:
+                raise ValueError(
+                    f"{self.name}: call_grouped needs row_expert with "
+                    "output_scale=True"
+                )
+            return outputs * ops.take(self.expert_scale, row_expert, axis=0)[:, None]
+
+        return self._ffn(rows, linear, scale)
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -427,17 +425,6 @@ class Experts(keras.layers.Layer):
         )
         return config
 
-    # int8 quantisation ---------------------------------------------------
-    # Keras' hook: `Model.quantize` calls `quantize` on every leaf layer;
-    # `Layer.__call__` runs `quantized_call` -> `_int8_call` instead of `call`
-    # once the dtype policy is `int8_from_<policy>`.
-
-    def _kernel_names(self):
-        return [n for n in KERNEL_NAMES if getattr(self, n, None) is not None]
-
-    def _bias_names(self):
-        return [n for n in BIAS_NAMES if getattr(self, n, None) is not None]
-
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantises the kernels to int8 in place (Keras' `quantize` hook).
 
@@ -453,195 +440,4 @@ class Experts(keras.layers.Layer):
                 f"Layer {type(self).__name__} does not have a `quantize` "
                 "method implemented."
             )
-        if mode != "int8":
-            raise NotImplementedError(
-                "Experts supports only int8 quantization. Received: "
-                f"mode={mode!r}"
-            )
-        quantization = keras.quantizers.QuantizationConfig
-        weight_quantizer = quantization.weight_quantizer_or_default(
-            config, keras.quantizers.AbsMaxQuantizer()
-        )
-        values = {}
-        for name in self._kernel_names():
-            kernel = getattr(self, name)
-            quantized, scale = weight_quantizer(kernel, axis=1, to_numpy=True)
-            scale = ops.convert_to_numpy(scale)
-            expected = (kernel.shape[0], 1, kernel.shape[2])
-            if tuple(scale.shape) != expected:
-                raise ValueError(
-                    "The weight quantizer must return one scale per expert "
-                    f"and output channel, {expected}. Received: scale shape "
-                    f"{tuple(scale.shape)} for {name} {tuple(kernel.shape)}"
-                )
-            values[name] = (quantized, scale[:, 0, :])
-        shapes = {name: tuple(getattr(self, name).shape) for name in values}
-        for name in values:
-            # Untrack the float kernel (as `Layer.__delattr__` does, without
-            # its `gc.collect()` per variable: about 0.3 s each).
-            untrack_variable(self, getattr(self, name))
-            super(keras.layers.Layer, self).__delattr__(name)
-        self.quantized_build(None, mode, config, kernel_shapes=shapes)
-        for name, (quantized, scale) in values.items():
-            getattr(self, name).assign(quantized)
-            getattr(self, f"{name}_scale").assign(scale)
-        current = _resolved_policy(self)
-        if current.quantization_mode is None:
-            # Under a policy map (an MoE layer revived from a config), the
-            # setter records the new policy in the map at this layer's path.
-            self.dtype_policy = keras.dtype_policies.get(
-                f"{mode}_from_{current.name}"
-            )
-
-    def quantized_build(self, input_shape, mode, config=None, kernel_shapes=None):
-        if mode != "int8":
-            raise NotImplementedError(
-                "Experts supports only int8 quantization. Received: "
-                f"mode={mode!r}"
-            )
-        if kernel_shapes is None:
-            d = input_shape[-1]
-            e, h = self.num_experts, self.hidden_dim
-            o = self.output_dim or d
-            kernel_shapes = {"kernel_in": (e, d, h), "kernel_out": (e, h, o)}
-            if self.gated:
-                kernel_shapes["kernel_gate"] = (e, d, h)
-        self._int8_build(kernel_shapes, config)
-        mark_quantized(self)
-
-    def _int8_build(self, kernel_shapes, config=None):
-        self.quantization_config = config
-        self.inputs_quantizer = (
-            keras.quantizers.QuantizationConfig.activation_quantizer_or_default(
-                config, keras.quantizers.AbsMaxQuantizer()
-            )
-        )
-        self.kernel_gate = None
-        for name in KERNEL_NAMES:
-            if name not in kernel_shapes:
-                continue
-            shape = tuple(kernel_shapes[name])
-            setattr(
-                self,
-                name,
-                self.add_weight(
-                    name=name,
-                    shape=shape,
-                    initializer="zeros",
-                    dtype="int8",
-                    trainable=False,
-                ),
-            )
-            setattr(
-                self,
-                f"{name}_scale",
-                self.add_weight(
-                    name=f"{name}_scale",
-                    shape=(shape[0], shape[2]),
-                    initializer="ones",
-                    trainable=False,
-                ),
-            )
-
-    def _int8_matmul(self, x, name):
-        """`x (E, C, i) @ W (E, i, o)` with `W ~ q / s` int8."""
-        kernel = ops.convert_to_tensor(getattr(self, name))
-        scale = ops.cast(getattr(self, f"{name}_scale"), self.compute_dtype)
-        scale = scale[:, None, :]
-        if self.inputs_quantizer is None:  # weight-only
-            float_kernel = ops.cast(kernel, self.compute_dtype)
-            return ops.einsum("eci,eio->eco", x, float_kernel) / scale
-        quantizer = self.inputs_quantizer
-        compute_dtype = self.compute_dtype
-
-        @ops.custom_gradient
-        def matmul(x, kernel, scale):
-            def grad_fn(*args, upstream=None):
-                if upstream is None:
-                    (upstream,) = args
-                # Straight through the rounding of x: the gradient of x W.
-                float_kernel = ops.cast(kernel, compute_dtype)
-                grad = ops.einsum("eco,eio->eci", upstream / scale, float_kernel)
-                return grad, None, None
-
-            quantized, x_scale = quantizer(x, axis=-1)  # x_scale (E, C, 1)
-            products = ops.einsum("eci,eio->eco", quantized, kernel)  # int32
-            outputs = ops.cast(products, compute_dtype) / (
-                ops.cast(x_scale, compute_dtype) * scale
-            )
-            return outputs, grad_fn
-
-        return matmul(x, kernel, scale)
-
-    def _int8_call(self, inputs, training=None):
-        hidden = self._int8_matmul(inputs, "kernel_in")
-        if self.use_bias:
-            hidden = hidden + self.bias_in[:, None, :]
-        if self.gated:
-            gate = self._int8_matmul(inputs, "kernel_gate")
-            if self.use_bias:
-                gate = gate + self.bias_gate[:, None, :]
-            hidden = self._glu(gate, hidden)
-        else:
-            hidden = self.activation(hidden)
-        outputs = self._int8_matmul(hidden, "kernel_out")
-        if self.use_bias:
-            outputs = outputs + self.bias_out[:, None, :]
-        if self.output_scale:
-            outputs = outputs * self.expert_scale[:, None, None]
-        return outputs
-
-    def _int8_variable_names(self):
-        kernels = self._kernel_names()
-        names = kernels + self._bias_names() + [f"{n}_scale" for n in kernels]
-        return names + (["expert_scale"] if self.output_scale else [])
-
-    def save_own_variables(self, store):
-        if not self.built or self.quantization_mode is None:
-            return super().save_own_variables(store)
-        for i, name in enumerate(self._int8_variable_names()):
-            store[str(i)] = getattr(self, name)
-        store[_ACTIVATION_FLAG] = np.array(self.inputs_quantizer is not None, "int8")
-
-    def load_own_variables(self, store):
-        quantized_store = _ACTIVATION_FLAG in store
-        if self.built and quantized_store and self.quantization_mode is None:
-            # A quantised bank saved inside an MoE layer: the MoE layer has
-            # rebuilt it as float from its own config; quantise it first.
-            activations = bool(np.asarray(store[_ACTIVATION_FLAG]))
-            self.quantize(
-                "int8",
-                config=keras.quantizers.Int8QuantizationConfig(
-                    activation_quantizer="default" if activations else None
-                ),
-            )
-        if not self.built or self.quantization_mode is None:
-            if quantized_store:
-                raise ValueError(
-                    f"Layer '{self.name}' is not built and cannot load the "
-                    "weights of a quantised expert bank."
-                )
-            return super().load_own_variables(store)
-        if not quantized_store:
-            raise ValueError(
-                f"Layer '{self.name}' is quantised ({self.quantization_mode}) "
-                "and cannot load the weights of a float expert bank: load "
-                "them into a float bank, then call quantize()."
-            )
-        names = self._int8_variable_names()
-        if len(store.keys()) != len(names) + 1:
-            raise ValueError(
-                f"Layer '{self.name}' expected {len(names)} variables, but "
-                f"received {len(store.keys()) - 1} variables during loading. "
-                f"Expected: {names}"
-            )
-        for i, name in enumerate(names):
-            getattr(self, name).assign(store[str(i)])
-        activations = bool(np.asarray(store[_ACTIVATION_FLAG]))
-        if activations != (self.inputs_quantizer is not None):
-            self.inputs_quantizer = (
-                keras.quantizers.AbsMaxQuantizer() if activations else None
-            )
-            self.quantization_config = keras.quantizers.Int8QuantizationConfig(
-                activation_quantizer="default" if activations else None
-            )
+        self._quantize_int8(mode, config)

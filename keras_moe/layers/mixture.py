@@ -6,15 +6,16 @@ import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
-from keras_moe.layers._stats import statistic
-from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.layers._integration import integrate
+from keras_moe.layers._multitask import stats_to_numpy
+from keras_moe.layers._stats import record, statistic
+from keras_moe.layers.expert_bank import quantized_dtype_config
 from keras_moe.layers.routers import default_router_initializer
-from keras_moe.ops import balancing, selection
-from keras_moe.ops import dispatching as dispatch_ops
-from keras_moe.ops import planning
+from keras_moe.ops import balancing, pipeline, planning, selection
 from keras_moe.utils import validation as check
 
 INTEGRATIONS = ("weighted_sum", "max", "attention")
+STATISTICS = ("expert_load", "dropped_fraction", "load_balance_loss", "router_entropy")
 
 
 def _revive(obj):
@@ -191,7 +192,9 @@ class MixtureOfExperts(keras.layers.Layer):
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
-        self.attention_dim = check.positive_int("attention_dim", attention_dim)
+        self.attention_dim = check.positive_int(
+            "attention_dim", attention_dim, maximum=check.MAX_WIDTH
+        )
         gate = _revive(gate)
         self.custom_gate = gate is not None
         if gate is None:
@@ -288,12 +291,8 @@ class MixtureOfExperts(keras.layers.Layer):
             self.attention_query.build((None, self._input_dim))
             self.attention_key.build((None, None, self._output_dim))
 
-        for name, shape in (
-            ("expert_load", (self.num_experts,)),
-            ("dropped_fraction", ()),
-            ("load_balance_loss", ()),
-            ("router_entropy", ()),
-        ):
+        for name in STATISTICS:
+            shape = (self.num_experts,) if name == "expert_load" else ()
             setattr(self, name, statistic(self, name, shape))
 
     # ------------------------------------------------------------------- call
@@ -315,11 +314,26 @@ class MixtureOfExperts(keras.layers.Layer):
         )
         top1 = ops.cast(ops.argmax(probs, axis=-1), "int32")[:, None]
         routed = ops.sum(ops.one_hot(top1, self.num_experts, dtype="float32"), axis=(0, 1))
-        return gathered, probs, keep, index, top1, routed, routed, None
+        stats = {
+            "expert_load": routed / ops.maximum(ops.sum(routed), 1.0),
+            "dropped_fraction": ops.zeros((), "float32"),
+        }
+        return gathered, probs, keep, index, top1, stats, None
+
+    def _run_experts(self, buffers):
+        """The bank of the routed pipeline: expert `e` on its `(C, D)`
+        buffer (reshaped to its input shape), `(E, C, D)` -> `(E, C, O)`."""
+        outputs = []
+        for e, expert in enumerate(self.experts):
+            examples = ops.reshape(buffers[e], (-1,) + self._input_inner)
+            outputs.append(ops.reshape(expert(examples), (-1, self._output_dim)))
+        return ops.stack(outputs, axis=0)
 
     def _sparse_experts(self, flat, probs, num_examples, training):
-        """Each expert on its `C` dispatched examples only: `(E, C, O)`,
-        gathered back to `(B, k, O)` (zeros for dropped pairs)."""
+        """Each expert on its `C` dispatched examples only (the routed
+        pipeline's capacity path), mixed (`weighted_sum`) or gathered back
+        to `(B, k, O)` (zeros for dropped pairs) for the other
+        integrations."""
         capacity = planning.choose_capacity(
             num_examples,
             self.num_experts,
@@ -328,77 +342,20 @@ class MixtureOfExperts(keras.layers.Layer):
                 training, self.capacity_factor, self.eval_capacity_factor
             ),
         )
-        top, index = selection.top_k(probs, self.k)
-        if self.k > 1:
-            top = top / ops.sum(top, axis=-1, keepdims=True)
+        top, index = selection.top_k_routing(probs, self.k)
         plan, _ = planning.plan_dispatch(
             {"expert_index": index}, self.num_experts, capacity
         )
-        buffers = dispatch_ops.dispatch(  # (E, C, D)
-            flat, plan, custom_gradient=bool(training)
+        mix = self.integration == "weighted_sum"
+        outputs = pipeline.run_plan(
+            flat, plan, top, self._run_experts, training, mix=mix
         )
-        outputs = []
-        for e, expert in enumerate(self.experts):
-            examples = ops.reshape(buffers[e], (-1,) + self._input_inner)
-            outputs.append(ops.reshape(expert(examples), (-1, self._output_dim)))
-        expert_outputs = ops.stack(outputs, axis=0)  # (E, C, O)
-        if self.integration == "weighted_sum":
-            # The combine of keras_moe.ops: the gathered pairs are not needed.
-            mixed = dispatch_ops.combine(
-                expert_outputs, plan, top, custom_gradient=bool(training)
-            )
-            gathered = None
-        else:
-            mixed = None
-            last = self.num_experts * plan["capacity"] - 1
-            gathered = dispatch_ops.take_rows(
-                ops.reshape(expert_outputs, (-1, self._output_dim)),
-                ops.minimum(plan["slot"], last),
-            )  # (B, k, O)
-            # Replaced, not multiplied by 0: the row read for a dropped pair
-            # is another example's (NaN * 0 = NaN).
-            gathered = ops.where(
-                plan["keep"][..., None], gathered, ops.zeros_like(gathered)
-            )
-        routed, kept = dispatch_ops.expert_counts(plan)
-        return gathered, top, plan["keep"], plan["expert_index"], index, routed, kept, (
+        mixed, gathered = (outputs, None) if mix else (None, outputs)
+        stats = pipeline.routing_statistics(plan)
+        return gathered, top, plan["keep"], plan["expert_index"], index, stats, (
             mixed,
             plan["capacity"],
         )
-
-    def _integrate(self, flat, gathered, weights, keep):
-        """Mixes `(B, S, O)` expert outputs with `(B, S)` gate weights."""
-        dtype = gathered.dtype
-        kept_weights = ops.where(keep, weights, 0.0)
-        if self.integration == "weighted_sum":
-            return ops.einsum(
-                "ns,nso->no", ops.cast(kept_weights, dtype), gathered
-            ), None
-        if self.integration == "max":
-            values = ops.cast(kept_weights, dtype)[..., None] * gathered
-            # Dropped pairs get a value below every kept one (finite, no
-            # gradient); an example with no kept pair outputs zeros.
-            floor = ops.stop_gradient(ops.min(values, axis=1, keepdims=True) - 1.0)
-            values = ops.where(keep[..., None], values, floor)
-            mixed = ops.max(values, axis=1)
-            any_kept = ops.any(keep, axis=1)[:, None]
-            return ops.where(any_kept, mixed, ops.zeros_like(mixed)), None
-        if self.attention_query is None:  # k = 1: alpha = 1
-            attention = ops.cast(kept_weights, "float32")
-            mixed = ops.einsum("ns,nso->no", ops.cast(attention, dtype), gathered)
-            return mixed, attention
-        query = self.attention_query(flat)  # (B, a)
-        keys = self.attention_key(gathered)  # (B, S, a)
-        scores = ops.einsum("na,nsa->ns", query, keys) / math.sqrt(self.attention_dim)
-        scores = ops.cast(scores, "float32") + ops.log(
-            ops.maximum(ops.cast(weights, "float32"), 1e-9)
-        )
-        scores = ops.where(keep, scores, -1e9)
-        alpha = ops.softmax(scores, axis=-1)
-        mass = ops.sum(kept_weights, axis=-1, keepdims=True)
-        attention = alpha * mass
-        mixed = ops.einsum("ns,nso->no", ops.cast(attention, dtype), gathered)
-        return mixed, attention
 
     def call(self, inputs, training=None, return_routing=False):
         shape = tuple(inputs.shape)
@@ -412,33 +369,32 @@ class MixtureOfExperts(keras.layers.Layer):
         flat = ops.reshape(inputs, (-1, self._input_dim))
         probs = self._gate_probs(inputs, flat)
         if self.k is None:
-            gathered, weights, keep, expert_index, balance_index, routed, kept, _ = (
+            gathered, weights, keep, expert_index, balance_index, stats, _ = (
                 self._dense_experts(inputs, probs)
             )
             mixed, capacity = None, num_examples
         else:
-            gathered, weights, keep, expert_index, balance_index, routed, kept, extra = (
+            gathered, weights, keep, expert_index, balance_index, stats, extra = (
                 self._sparse_experts(flat, probs, num_examples, training)
             )
             mixed, capacity = extra
         attention = None
         if mixed is None:
-            mixed, attention = self._integrate(flat, gathered, weights, keep)
+            mixed, attention = integrate(self, flat, gathered, weights, keep)
         outputs = ops.reshape(mixed, (-1,) + tuple(self._output_inner))
 
         balance = balancing.load_balancing_loss(probs, balance_index, self.num_experts)
         if training and self.load_balance_weight:
             self.add_loss(self.load_balance_weight * balance)
-        total = ops.sum(routed)
-        expert_load = routed / ops.maximum(total, 1.0)
-        dropped_fraction = (total - ops.sum(kept)) / ops.maximum(total, 1.0)
-        entropy = -balancing.masked_mean(
-            ops.sum(probs * ops.log(probs + 1e-9), axis=-1)
+        expert_load = stats["expert_load"]
+        dropped_fraction = stats["dropped_fraction"]
+        record(
+            self,
+            expert_load=expert_load,
+            dropped_fraction=dropped_fraction,
+            load_balance_loss=balance,
+            router_entropy=balancing.mean_entropy(probs),
         )
-        self.expert_load.assign(ops.stop_gradient(expert_load))
-        self.dropped_fraction.assign(ops.stop_gradient(dropped_fraction))
-        self.load_balance_loss.assign(ops.stop_gradient(balance))
-        self.router_entropy.assign(ops.stop_gradient(entropy))
         if not return_routing:
             return outputs
         routing = {
@@ -457,12 +413,7 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def routing_stats(self):
         """The routing statistics of the last call, as NumPy values."""
-        return {
-            "expert_load": ops.convert_to_numpy(self.expert_load),
-            "dropped_fraction": float(ops.convert_to_numpy(self.dropped_fraction)),
-            "load_balance_loss": float(ops.convert_to_numpy(self.load_balance_loss)),
-            "router_entropy": float(ops.convert_to_numpy(self.router_entropy)),
-        }
+        return stats_to_numpy(self, STATISTICS)
 
     # ----------------------------------------------------------------- shapes
 

@@ -13,23 +13,23 @@ from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._multitask import (
-    as_compute_dtype,
-    check_last_dim,
-    flat_tokens,
+    check_call_input,
     fresh_initializer,
     gate_initializer,
-    mean_entropy,
     normalize_rows,
     stats_to_numpy,
 )
-from keras_moe.layers._stats import statistic
-from keras_moe.layers.experts import Experts, expert_options_config
-from keras_moe.layers.experts import per_expert_initializer, quantized_dtype_config
-from keras_moe.layers.routers import TopKRouter, accepts_mask
-from keras_moe.ops import balancing
+from keras_moe.layers._stats import record, statistic
+from keras_moe.layers.expert_bank import (
+    expert_options_config,
+    make_experts,
+    pop_expert_options,
+    quantized_dtype_config,
+)
+from keras_moe.layers.experts import per_expert_initializer
+from keras_moe.layers.routers import TopKRouter
+from keras_moe.ops import balancing, pipeline, planning
 from keras_moe.ops import dispatching as dispatch_ops
-from keras_moe.ops import dropless as dropless_ops
-from keras_moe.ops import planning
 from keras_moe.utils import replicas
 from keras_moe.utils import validation as check
 
@@ -87,15 +87,17 @@ class MultiGateMoE(keras.layers.Layer):
             compute at inference).
         load_balance_weight: weight of the Switch load-balancing loss of the
             default sparse routers (ignored for dense gates and `routers`).
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer: expert options (`Experts`).
         gate_kernel_initializer: initializer of the gate kernels (dense
             gates and default routers). Default: Switch's router init
             (truncated normal, 0.1 x LeCun scale), so gates start nearly
             uniform and every expert gets gradient.
         task_names: `T` distinct names used in telemetry (default
             `task_0, ...`).
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and the expert options (see
+            `Experts`): `activation` (default `"relu"`), `gated`,
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `glu_limit`,
+            `glu_linear_offset`, `output_scale`.
 
     Call arguments:
         inputs: `(..., d)`, rank >= 2, e.g. `(B, d)`.
@@ -144,21 +146,17 @@ class MultiGateMoE(keras.layers.Layer):
         capacity_factor=1.25,
         eval_capacity_factor=None,
         load_balance_weight=0.01,
-        activation="relu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
         gate_kernel_initializer=None,
         task_names=None,
         **kwargs,
     ):
+        expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
         self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
@@ -212,19 +210,8 @@ class MultiGateMoE(keras.layers.Layer):
             ]
         self.routers = routers
         self.sparse = routers is not None
-        self.experts = Experts(
-            num_experts=self.num_experts,
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=self.dtype_policy,
-            name="experts",
+        self.experts = make_experts(
+            self, self.num_experts, self.hidden_dim, expert_options, self.output_dim
         )
 
     def build(self, input_shape):
@@ -282,7 +269,7 @@ class MultiGateMoE(keras.layers.Layer):
             "task_expert_usage": usage,
             "expert_load": ops.mean(usage, axis=0),
             "dropped_fraction": ops.zeros((), "float32"),
-            "entropy": mean_entropy(gates, valid),
+            "entropy": balancing.mean_entropy(gates, valid),
         }
         return outputs, routing
 
@@ -291,56 +278,29 @@ class MultiGateMoE(keras.layers.Layer):
     def _sparse(self, tokens, training, valid=None):
         num_tokens = ops.shape(tokens)[0]
         t_count, e = self.num_tasks, self.num_experts
-        capacity_factor = planning.capacity_factor_for(
+        factor = planning.capacity_factor_for(
             training, self.capacity_factor, self.eval_capacity_factor
         )
-        num_valid = planning.count_valid(valid)
-        routings = []
-        for router in self.routers:
-            kwargs = {"training": training}
-            capacity = planning.router_capacity(
-                router,
-                planning.choose_capacity(
-                    num_tokens, e, router.k, capacity_factor, num_valid=num_valid
-                ),
-            )
-            if capacity is not None:
-                kwargs["capacity"] = capacity
-            if valid is not None and accepts_mask(router):
-                kwargs["mask"] = valid
-            routings.append(router(tokens, **kwargs))
+        routings = [
+            pipeline.route(
+                router, tokens, e, router.k, factor, valid=valid, training=training
+            )[0]
+            for router in self.routers
+        ]
         # The T tasks' pairs as N T pseudo-tokens of one plan, token-major.
         plan, selected, weights = planning.plan_task_dispatch(
             routings,
             [router.k for router in self.routers],
             e,
             num_tokens,
-            capacity_factor,
+            factor,
             valid=valid,
-            blocks=self.experts.quantization_mode is None,
+            path=planning.choose_path(factor, self.routers, self.experts),
         )
-        if isinstance(plan, dropless_ops.BlockPlan):
-            combined = dropless_ops.run_blocks(
-                tokens, plan, weights, self.experts.call_blocks, bool(training)
-            )
-        else:
-            buffers = dispatch_ops.dispatch(
-                tokens,
-                planning.pseudo_token_plan(plan, num_tokens, t_count),
-                custom_gradient=bool(training),
-            )
-            combined = dispatch_ops.combine(
-                self.experts(buffers), plan, weights, custom_gradient=bool(training)
-            )
-        if valid is not None:  # masked tokens output zeros (select: no NaN)
-            rows_valid = ops.reshape(
-                ops.broadcast_to(valid[:, None], (num_tokens, t_count)), (-1, 1)
-            )
-            combined = ops.where(rows_valid, combined, ops.zeros_like(combined))
-        outputs = ops.transpose(
-            ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1])),
-            (1, 0, 2),
-        )  # (T, N, o)
+        combined = pipeline.run_plan(tokens, plan, weights, self.experts, training)
+        combined = ops.reshape(combined, (num_tokens, t_count, ops.shape(combined)[-1]))
+        # (T, N, o); masked tokens output zeros (a select: no NaN)
+        outputs = ops.transpose(pipeline.mask_rows(combined, valid), (1, 0, 2))
 
         gates = ops.reshape(
             dispatch_ops.dense_gates(plan, weights), (num_tokens, t_count, e)
@@ -348,8 +308,8 @@ class MultiGateMoE(keras.layers.Layer):
         gates = ops.transpose(gates, (1, 0, 2))  # (T, N, E), kept pairs only
         # Over the global batch under data parallelism (keras_moe.utils.replicas).
         usage = normalize_rows(replicas.cross_replica_sum(ops.sum(gates, axis=1)))
-        routed, kept = dispatch_ops.expert_counts(plan, selected=selected)
-        total = ops.maximum(ops.sum(routed), 1.0)
+        probs = ops.stack([r["probs"] for r in routings])
+        stats = pipeline.routing_statistics(plan, selected, probs, valid)
 
         def per_task(x):  # (N T, ...) -> (T, N, ...)
             x = ops.reshape(x, (num_tokens, t_count) + tuple(x.shape[1:]))
@@ -359,11 +319,9 @@ class MultiGateMoE(keras.layers.Layer):
         routing = {
             "gates": gates,
             "task_expert_usage": usage,
-            "expert_load": routed / total,
-            "dropped_fraction": (ops.sum(routed) - ops.sum(kept)) / total,
-            "entropy": ops.mean(
-                ops.stack([mean_entropy(r["probs"], valid) for r in routings])
-            ),
+            "expert_load": stats["expert_load"],
+            "dropped_fraction": stats["dropped_fraction"],
+            "entropy": stats["router_entropy"],
             "load_balance_loss": (
                 ops.mean(ops.stack([ops.cast(b, "float32") for b in balance]))
                 if balance
@@ -373,37 +331,29 @@ class MultiGateMoE(keras.layers.Layer):
             "combine_weights": per_task(weights),
             "keep": per_task(plan["keep"]),
             "position": per_task(plan["position"]),
-            "probs": ops.stack([r["probs"] for r in routings]),
+            "probs": probs,
             "capacity": plan["capacity"],
         }
         return outputs, routing
 
     def call(self, inputs, training=None, return_routing=False, mask=None):
-        shape = ops.shape(inputs)
-        check.token_input_shape(type(self).__name__, tuple(inputs.shape))
-        check_last_dim(self, tuple(inputs.shape), self.experts.kernel_in.shape[1])
-        inputs = as_compute_dtype(self, inputs)
-        tokens = flat_tokens(inputs, shape[-1])
-        valid = check.token_mask(self.name, mask, inputs)
-        if valid is not None:
-            # Masked tokens enter no computation (a select, so NaN or Inf
-            # padding reaches no output and no gradient, its own included).
-            tokens = ops.where(valid[:, None], tokens, ops.zeros_like(tokens))
+        check_call_input(self, inputs.shape, self.experts.kernel_in.shape[1])
+        view = pipeline.token_view(inputs, mask, self.name, self.compute_dtype)
+        tokens, valid = view.tokens, view.valid
         if self.sparse:
             outputs, routing = self._sparse(tokens, training, valid)
         else:
             outputs, routing = self._dense(tokens, valid)
-        sg = ops.stop_gradient
-        for name in ("task_expert_usage", "expert_load", "dropped_fraction"):
-            getattr(self, name).assign(sg(ops.cast(routing[name], "float32")))
-        self.router_entropy.assign(sg(routing.pop("entropy")))
+        record(
+            self,
+            task_expert_usage=routing["task_expert_usage"],
+            expert_load=routing["expert_load"],
+            dropped_fraction=routing["dropped_fraction"],
+            router_entropy=routing.pop("entropy"),
+        )
         if self.sparse:
-            self.load_balance_loss.assign(sg(routing.pop("load_balance_loss")))
-        lead = tuple(shape[:-1])
-        results = [
-            ops.reshape(outputs[t], lead + (ops.shape(outputs)[-1],))
-            for t in range(self.num_tasks)
-        ]
+            record(self, load_balance_loss=routing.pop("load_balance_loss"))
+        results = [view.restore(outputs[t]) for t in range(self.num_tasks)]
         if return_routing:
             return results, routing
         return results

@@ -4,7 +4,11 @@ import keras
 
 from keras_moe.layers._multitask import fresh_initializer, gate_initializer
 from keras_moe.layers.cgc import CGC
-from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.layers.expert_bank import (
+    EXPERT_OPTIONS,
+    pop_expert_options,
+    quantized_dtype_config,
+)
 from keras_moe.utils import validation as check
 
 
@@ -54,11 +58,13 @@ class PLE(keras.layers.Layer):
             width): an int/None, or a list of one per level.
         k: `None` (dense gates) or the number of gate weights each gate
             keeps (see `CGC`).
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer, gate_kernel_initializer:
-            passed to every `CGC` level.
+        gate_kernel_initializer: passed to every `CGC` level.
         task_names: `T` distinct names used in telemetry.
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and the expert options of every
+            level (see `Experts`): `activation` (default `"relu"`), `gated`,
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `glu_limit`,
+            `glu_linear_offset`, `output_scale`.
 
     Call arguments:
         inputs: `(..., d)`, rank >= 2.
@@ -95,21 +101,15 @@ class PLE(keras.layers.Layer):
         hidden_dim=64,
         output_dim=None,
         k=None,
-        activation="relu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
         gate_kernel_initializer=None,
         task_names=None,
         **kwargs,
     ):
+        expert_options = pop_expert_options(kwargs, activation="relu")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
-        self.num_levels = check.positive_int("num_levels", num_levels)
+        self.num_tasks = check.positive_int("num_tasks", num_tasks, check.MAX_TASKS)
+        self.num_levels = check.positive_int("num_levels", num_levels, check.MAX_LEVELS)
         hidden = check.int_per_level("hidden_dim", hidden_dim, self.num_levels)
         outs = check.int_per_level(
             "output_dim", output_dim, self.num_levels, allow_none=True
@@ -127,13 +127,7 @@ class PLE(keras.layers.Layer):
                 output_dim=outs[level],
                 shared_output=level < self.num_levels - 1,
                 k=k,
-                activation=activation,
-                gated=gated,
-                use_bias=use_bias,
-                kernel_initializer=kernel_initializer,
-                bias_initializer=bias_initializer,
-                kernel_regularizer=kernel_regularizer,
-                bias_regularizer=bias_regularizer,
+                **expert_options,
                 gate_kernel_initializer=fresh_initializer(gate_init, level),
                 task_names=self.task_names,
                 dtype=self.dtype_policy,
@@ -192,19 +186,9 @@ class PLE(keras.layers.Layer):
             hidden_dim=self.hidden_dim,
             output_dim=self.output_dim,
             k=self.k,
-            **{name: first[name] for name in _EXPERT_AND_GATE_OPTIONS},
+            **{name: first[name] for name in EXPERT_OPTIONS},
+            gate_kernel_initializer=first["gate_kernel_initializer"],
             task_names=list(self.task_names),
         )
         return quantized_dtype_config(self, config)
 
-
-_EXPERT_AND_GATE_OPTIONS = (
-    "activation",
-    "gated",
-    "use_bias",
-    "kernel_initializer",
-    "bias_initializer",
-    "kernel_regularizer",
-    "bias_regularizer",
-    "gate_kernel_initializer",
-)

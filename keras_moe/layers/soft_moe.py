@@ -1,11 +1,19 @@
+"""`SoftMoE`: every expert slot is a soft mixture of all the tokens of a
+sequence (Puigcerver et al. 2024); fully differentiable, no routing."""
+
 import keras
 from keras import ops
 
 from keras_moe.layers import _pruning
 from keras_moe.layers._stats import statistic
-from keras_moe.layers.experts import Experts, expert_options_config
-from keras_moe.layers.experts import quantized_dtype_config
+from keras_moe.layers.expert_bank import (
+    expert_options_config,
+    make_experts,
+    pop_expert_options,
+    quantized_dtype_config,
+)
 from keras_moe.utils import validation as check
+from keras_moe.utils.tensors import softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -38,11 +46,13 @@ class SoftMoE(keras.layers.Layer):
         slots_per_expert: `S`.
         output_dim: output width; defaults to the input width.
         normalize: L2-normalise tokens and slot parameters.
-        activation, gated, use_bias, kernel_initializer, bias_initializer,
-        kernel_regularizer, bias_regularizer: passed to `Experts`.
         slot_initializer: initializer of `Phi` (default LeCun normal, as in
             the paper).
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and the expert options (see
+            `Experts`): `activation` (default `"gelu"`), `gated`,
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `glu_limit`,
+            `glu_linear_offset`, `output_scale`.
 
     Call arguments:
         inputs: `(B, T, d)`.
@@ -74,39 +84,26 @@ class SoftMoE(keras.layers.Layer):
         slots_per_expert=1,
         output_dim=None,
         normalize=False,
-        activation="gelu",
-        gated=False,
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
         slot_initializer="lecun_normal",
         **kwargs,
     ):
+        expert_options = pop_expert_options(kwargs)
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
-        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim)
-        self.slots_per_expert = check.positive_int("slots_per_expert", slots_per_expert)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, check.MAX_EXPERTS
+        )
+        self.hidden_dim = check.positive_int("hidden_dim", hidden_dim, check.MAX_WIDTH)
+        self.slots_per_expert = check.positive_int(
+            "slots_per_expert", slots_per_expert, check.MAX_EXPERTS
+        )
         self.output_dim = (
             None if output_dim is None else check.positive_int("output_dim", output_dim)
         )
-        self.normalize = bool(normalize)
-        self.slot_initializer = keras.initializers.get(slot_initializer)
-        self.experts = Experts(
-            num_experts=self.num_experts,
-            hidden_dim=self.hidden_dim,
-            output_dim=self.output_dim,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            dtype=self.dtype_policy,
-            name="experts",
+        self.normalize = check.boolean("normalize", normalize)
+        self.slot_initializer = check.initializer("slot_initializer", slot_initializer)
+        self.experts = make_experts(
+            self, self.num_experts, self.hidden_dim, expert_options, self.output_dim
         )
 
     def _check_shape(self, input_shape):
@@ -122,6 +119,10 @@ class SoftMoE(keras.layers.Layer):
     def build(self, input_shape):
         d = self._check_shape(input_shape)[-1]
         num_slots = self.num_experts * self.slots_per_expert
+        check.weight_elements(
+            self.name, "slot_kernel", (d, num_slots), input_dim=d,
+            num_experts=self.num_experts, slots_per_expert=self.slots_per_expert,
+        )
         self.slot_kernel = self.add_weight(
             name="slot_kernel", shape=(d, num_slots), initializer=self.slot_initializer
         )
@@ -156,12 +157,12 @@ class SoftMoE(keras.layers.Layer):
             inputs = ops.where(mask[..., None], inputs, ops.zeros_like(inputs))
         logits = ops.cast(self.logits(inputs), "float32")
         if mask is None:
-            dispatch = ops.softmax(logits, axis=1)
+            dispatch = softmax(logits, axis=1)
         else:
-            dispatch = ops.softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
+            dispatch = softmax(ops.where(mask[..., None], logits, -1e9), axis=1)
             dispatch = ops.where(mask[..., None], dispatch, 0.0)
         dispatch = ops.cast(dispatch, inputs.dtype)
-        combine = ops.softmax(logits, axis=2)
+        combine = softmax(logits, axis=2)
         slots = ops.einsum("bts,btd->bsd", dispatch, inputs)  # (B, E*S, d)
         batch = ops.shape(inputs)[0]
         per_expert = ops.reshape(slots, (batch, e, s, shape[-1]))

@@ -29,6 +29,7 @@ from keras_moe.ops.dropless import (
     row_budget,
     run_blocks,
 )
+from keras_moe.ops.grouped import grouped_kernel_available, grouped_matmul
 from keras_moe.ops.selection import top_k
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "block_dispatch",
     "default_block_size",
     "gather_experts",
+    "grouped_kernel_available",
+    "grouped_matmul",
     "make_block_plan",
     "row_budget",
     "run_blocks",

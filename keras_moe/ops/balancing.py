@@ -9,18 +9,15 @@ from keras import ops
 
 from keras_moe.ops import selection
 from keras_moe.utils import replicas
+from keras_moe.utils.tensors import flat_mask
 
 
 def token_weights(mask):
     """`(N,)` float32 weights of the tokens a `mask` keeps (1) and drops (0),
     or `None` for no mask. `mask`: any shape with `N` elements, bool or
     numeric (nonzero keeps)."""
-    if mask is None:
-        return None
-    mask = ops.reshape(ops.convert_to_tensor(mask), (-1,))
-    if mask.dtype != "bool":
-        mask = ops.not_equal(mask, 0)
-    return ops.cast(mask, "float32")
+    mask = flat_mask(mask)
+    return None if mask is None else ops.cast(mask, "float32")
 
 
 def masked_mean(values, mask=None):
@@ -46,6 +43,15 @@ def masked_mean(values, mask=None):
     total = replicas.cross_replica_sum(total)
     count = replicas.cross_replica_sum(count)
     return total / ops.maximum(count, 1.0)  # an empty batch gives 0, not NaN
+
+
+def mean_entropy(probs, mask=None):
+    """Mean entropy (nats) of the router distributions `probs` `(..., N, E)`
+    of `N` tokens, over the tokens of `mask` `(N,)` only (then averaged over
+    any leading axes, e.g. `T` tasks' routers)."""
+    probs = ops.cast(probs, "float32")
+    entropy = -ops.sum(probs * ops.log(probs + 1e-9), axis=-1)  # (..., N)
+    return ops.mean(masked_mean(ops.moveaxis(entropy, -1, 0), mask))
 
 
 def load_balancing_loss(probs, expert_index, num_experts, mask=None):

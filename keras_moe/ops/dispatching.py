@@ -94,31 +94,43 @@ class DispatchPlan(dict):
             raise AttributeError(name) from None
 
 
-def _arrival_positions(expert_index, num_experts, valid=None):
+ORDERS = ("choice", "token")
+
+
+def _arrival_positions(expert_index, num_experts, valid=None, order="choice"):
     """Position of each pair among the pairs routed to the same expert, in
-    the order (choice major, token minor): a cumulative sum over a one-hot
-    `(k N, E)` matrix. Invalid pairs take no position (and get one that
-    only the caller's `keep` makes meaningless)."""
-    flat_index = ops.reshape(ops.transpose(expert_index), (-1,))
-    one_hot = ops.one_hot(flat_index, num_experts, dtype="int32")
+    the order (choice major, token minor), or with `order="token"` (token
+    major, choice minor): a cumulative sum over a one-hot `(k N, E)` matrix.
+    Invalid pairs take no position (and get one that only the caller's
+    `keep` makes meaningless)."""
+    choice_major = order == "choice"
+
+    def flat(x):
+        return ops.reshape(ops.transpose(x) if choice_major else x, (-1,))
+
+    one_hot = ops.one_hot(flat(expert_index), num_experts, dtype="int32")
     if valid is not None:
-        flat_valid = ops.reshape(ops.transpose(valid), (-1, 1))
-        one_hot = one_hot * ops.cast(flat_valid, "int32")
+        one_hot = one_hot * ops.cast(flat(valid), "int32")[:, None]
     position = ops.sum((ops.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
     shape = ops.shape(expert_index)
+    if not choice_major:
+        return ops.reshape(position, (shape[0], shape[1]))
     return ops.transpose(ops.reshape(position, (shape[1], shape[0])))
 
 
 def make_dispatch_plan(
-    expert_index, num_experts, capacity, priority=None, valid=None, limit=None
+    expert_index, num_experts, capacity, priority=None, valid=None, limit=None,
+    order="choice",
 ):
     """Assigns every (token, choice) pair a row in its expert's buffer.
 
     Position of pair `(n, j)` routed to expert `e`: the number of pairs routed
-    to `e` before it in the order (choice `j` major, token `n` minor). With a
-    `priority`, tokens are taken in decreasing priority instead of their
-    order (batch-prioritized routing, Riquelme et al. 2021): when an expert
-    overflows, its least confident tokens are the ones dropped.
+    to `e` before it in the order (choice `j` major, token `n` minor), or
+    with `order="token"` (token `n` major, choice `j` minor: a token's place
+    then depends only on the tokens before it, as a causal model needs).
+    With a `priority`, tokens are taken in decreasing priority instead of
+    their order (batch-prioritized routing, Riquelme et al. 2021): when an
+    expert overflows, its least confident tokens are the ones dropped.
 
     Args:
         expert_index: `(N, k)` integer tensor with values in `[0, E)`. Each row
@@ -134,6 +146,7 @@ def make_dispatch_plan(
             buffers keep their static size `capacity`. Layers pass the
             capacity of the valid tokens, so that padding never changes
             which real pairs fit.
+        order: `"choice"` (default) or `"token"`, see above.
 
     Returns:
         A `DispatchPlan`.
@@ -141,19 +154,22 @@ def make_dispatch_plan(
     expert_index = ops.cast(expert_index, "int32")
     if valid is not None:
         valid = ops.cast(valid, "bool")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}. Received: order={order!r}")
     if priority is None:
-        position = _arrival_positions(expert_index, num_experts, valid)
+        position = _arrival_positions(expert_index, num_experts, valid, order)
     else:
         priority = ops.stop_gradient(ops.convert_to_tensor(priority))
-        order = ops.cast(ops.argsort(-priority), "int32")
+        ranking = ops.cast(ops.argsort(-priority), "int32")
         sorted_position = _arrival_positions(
-            ops.take(expert_index, order, axis=0),
+            ops.take(expert_index, ranking, axis=0),
             num_experts,
-            None if valid is None else ops.take(valid, order, axis=0),
+            None if valid is None else ops.take(valid, ranking, axis=0),
+            order,
         )
-        # Undo the sort: row order[i] of the result is row i of the sorted.
+        # Undo the sort: row ranking[i] of the result is row i of the sorted.
         position = ops.scatter_update(
-            ops.zeros_like(expert_index), order[:, None], sorted_position
+            ops.zeros_like(expert_index), ranking[:, None], sorted_position
         )
     keep = valid
     if limit is not None:
@@ -365,6 +381,16 @@ def combine(expert_outputs, plan, combine_weights, custom_gradient=True):
     if custom_gradient:
         return _custom_gradient(forward, backward)(expert_outputs, combine_weights)
     return forward(expert_outputs, combine_weights)[0]
+
+
+def gather_pairs(expert_outputs, plan):
+    """The output of every (token, choice) pair: `(E, C, o)` -> `(N, k, o)`,
+    zeros for a dropped pair (selected, never multiplied by 0: the row read
+    for a dropped pair is another token's, and `NaN * 0 = NaN`)."""
+    rows = plan["num_experts"] * plan["capacity"]
+    flat = ops.reshape(expert_outputs, (rows, ops.shape(expert_outputs)[-1]))
+    gathered = take_rows(flat, ops.minimum(plan["slot"], rows - 1))
+    return ops.where(plan["keep"][..., None], gathered, ops.zeros_like(gathered))
 
 
 def choice_matrix(weights, expert_index, num_experts):

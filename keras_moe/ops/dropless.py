@@ -167,11 +167,18 @@ def make_block_plan(
         order,
     )[:num_rows]
 
-    block_start = ops.arange(0, num_rows // block_size, dtype="int32") * block_size
-    block_expert = ops.sum(
-        ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1
-    )
-    block_expert = ops.minimum(block_expert, num_experts - 1)
+    if block_size == 1:
+        # Single rows, no padding: row r holds the r-th sorted pair (the
+        # invalid pairs' bucket E last, clamped to a real expert).
+        block_expert = ops.minimum(sorted_expert, num_experts - 1)
+    else:
+        block_start = (
+            ops.arange(0, num_rows // block_size, dtype="int32") * block_size
+        )
+        block_expert = ops.sum(
+            ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1
+        )
+        block_expert = ops.minimum(block_expert, num_experts - 1)
 
     valid = ops.cast(valid, "bool")
     pair_row = ops.reshape(pair_row, (rows, k))

@@ -1,7 +1,7 @@
-"""Route -> capacity -> plan: the step every routed layer shares.
+"""Capacity, path and plan: the planning rules every routed layer shares.
 
-A routed layer (`SparseMoE`, `MultiGateMoE`, `MixtureOfExperts`) does, on
-each call of its `N` tokens and `E` experts:
+A routed layer (through `keras_moe.ops.pipeline`) does, on each call of its
+`N` tokens and `E` experts:
 
 1. picks the capacity factor: `capacity_factor` in training,
    `eval_capacity_factor` in inference (`capacity_factor_for`);
@@ -11,22 +11,28 @@ each call of its `N` tokens and `E` experts:
    changes which real pairs fit;
 3. calls its router, and hands that capacity to a router that places the
    tokens in the buffers itself (`router_capacity`);
-4. turns the routing into a plan (`plan_dispatch`; `plan_task_dispatch`
-   for the `T` routers of a multi-task layer): a capacity plan
-   (`make_dispatch_plan`, or `plan_from_positions` for a router that placed
-   its tokens) or, dropless, expert-sorted blocks (`make_block_plan`).
+4. chooses the dispatch path (`choose_path`: capacity buffers, dropless
+   blocks, a grouped-matmul kernel, or the dense reference), the one place
+   that choice is made;
+5. turns the routing into that path's plan (`plan_dispatch`;
+   `plan_task_dispatch` for the `T` routers of a multi-task layer): a
+   capacity plan (`make_dispatch_plan`, or `plan_from_positions` for a
+   router that placed its tokens) or, dropless, expert-sorted rows
+   (`make_block_plan`).
 
-Everything here is a function of tensors and Python values (the router
-itself is only asked whether it places tokens), so the layers share one
-implementation of the capacity rules.
+Everything here is a function of tensors and Python values (routers and
+banks are only asked what they declare), so the layers share one
+implementation of the capacity and path rules.
 """
 
+import inspect
 from typing import NamedTuple
 
 from keras import ops
 
 from keras_moe.ops import dispatching
 from keras_moe.ops import dropless
+from keras_moe.ops import grouped
 
 
 class Capacity(NamedTuple):
@@ -92,16 +98,87 @@ def assigns_positions(router):
     return bool(getattr(router, "assigns_positions", False))
 
 
+def accepts_mask(router):
+    """Whether a router's `call` takes the `mask=` argument."""
+    return "mask" in inspect.signature(router.call).parameters
+
+
 def router_capacity(router, capacity):
     """The `capacity=` call argument of `router` (its granted capacity), or
     `None` for a router that does not place tokens itself."""
     return capacity.granted if assigns_positions(router) else None
 
 
+# The dispatch paths, in the order `choose_path` prefers them.
+PATHS = ("dense", "capacity", "grouped", "blocks")
+
+
+def bank_paths(bank):
+    """The dispatch paths an expert bank can run: its `dispatch_paths`
+    attribute (`keras_moe.layers.Experts` says which its weights allow),
+    or only the capacity buffers for any other callable on `(E, C, d)`."""
+    return tuple(getattr(bank, "dispatch_paths", ("capacity",)))
+
+
+def choose_path(capacity_factor, routers=(), bank=None, dispatch="sparse",
+                sharded=False):
+    """The dispatch path of one call: the one place it is chosen.
+
+    - `"dense"`: `dispatch="dense"`, every expert on every token, masked
+      (the numerical reference; capacity drops still apply).
+    - `"capacity"`: `(E, C, d)` buffers. With a capacity factor; for a
+      router that places its tokens itself (expert choice, BASE); for a bank
+      that runs on buffers only (e.g. int8 kernels); and when a distribution
+      shards the buffers (`sharded`: blocks mix experts, so every device
+      would gather every expert's weights). Dropless (`capacity_factor=None`)
+      it holds `C = N` rows per expert: exact, at the dense cost.
+    - `"grouped"`: dropless, the `N k` pairs sorted by expert and run through
+      one grouped matmul (`keras_moe.ops.grouped_matmul`), where a backend
+      kernel runs in the current context (`grouped_kernel_available`).
+    - `"blocks"`: dropless, expert-sorted blocks (`make_block_plan`, the
+      portable path and the reference of the grouped kernels).
+
+    Args:
+        capacity_factor: the call's capacity factor (`None`: dropless).
+        routers: the routers of the call (one, or one per task).
+        bank: the expert bank (see `bank_paths`); `None`: any path.
+        dispatch: the layer's `"sparse"` or `"dense"`.
+        sharded: whether a distribution lays out the expert buffers.
+    """
+    if dispatch == "dense":
+        return "dense"
+    paths = PATHS if bank is None else bank_paths(bank)
+    if (
+        capacity_factor is not None
+        or sharded
+        or any(assigns_positions(r) for r in routers)
+    ):
+        return "capacity"
+    if "grouped" in paths and grouped.grouped_kernel_available():
+        return "grouped"
+    return "blocks" if "blocks" in paths else "capacity"
+
+
+def _selected_pairs(routing, valid):
+    """`(N, k)` bool pairs that count: the router's `keep` (routers that
+    place tokens mark their choices) and the valid tokens; `None`: all."""
+    selected = routing.get("keep")
+    if valid is not None:
+        valid_pairs = ops.broadcast_to(
+            valid[:, None], ops.shape(routing["expert_index"])
+        )
+        selected = (
+            valid_pairs if selected is None else ops.logical_and(selected, valid_pairs)
+        )
+    return selected
+
+
 def plan_dispatch(
-    routing, num_experts, capacity, valid=None, blocks=False, block_size=None
+    routing, num_experts, capacity, valid=None, path="capacity", block_size=None,
+    order="choice",
 ):
-    """The dispatch plan of one router's routing of `N` tokens.
+    """The dispatch plan of one router's routing of `N` tokens, for `path`
+    (`choose_path`).
 
     Args:
         routing: the router's dict: `expert_index` `(N, k)` and, optionally,
@@ -112,25 +189,32 @@ def plan_dispatch(
         capacity: the call's `Capacity` (`choose_capacity`).
         valid: optional `(N,)` bool, the tokens that count; the others take
             no capacity and no row.
-        blocks: dropless expert-sorted blocks (`make_block_plan`) instead of
-            capacity buffers; the caller decides (see `SparseMoE`).
-        block_size: rows per block (`None`: `default_block_size`).
+        path: `"capacity"` or `"dense"` (a `DispatchPlan`: buffers of
+            `capacity.capacity` rows, pairs beyond `capacity.granted`
+            dropped), `"blocks"` (a `BlockPlan` of `block_size` rows per
+            block) or `"grouped"` (a `BlockPlan` of single rows: the pairs
+            sorted by expert, contiguous, for a grouped matmul).
+        block_size: rows per block of `"blocks"` (`None`:
+            `default_block_size`).
+        order: which pairs take an overflowing expert's capacity first:
+            `"choice"` (GShard / Switch: every token's first choice before
+            any second choice) or `"token"` (all choices of an earlier token
+            before any of a later one: a token's fate depends only on the
+            tokens before it, as a causal model needs).
 
     Returns:
-        `(plan, selected)`: a `BlockPlan` (its `capacity` set to
-        `capacity.capacity`) or a `DispatchPlan`, and `selected` `(N, k)`
-        bool, the pairs that count in statistics (or `None`: all).
+        `(plan, selected)`: the plan (its `path` key says which) and
+        `selected` `(N, k)` bool, the pairs that count in statistics (or
+        `None`: all).
     """
     expert_index = routing["expert_index"]
-    selected = routing.get("keep")
-    if valid is not None:
-        valid_pairs = ops.broadcast_to(valid[:, None], ops.shape(expert_index))
-        selected = (
-            valid_pairs if selected is None else ops.logical_and(selected, valid_pairs)
-        )
-    if blocks:
+    selected = _selected_pairs(routing, valid)
+    if path in ("blocks", "grouped"):
         plan = dropless.make_block_plan(
-            expert_index, num_experts, block_size=block_size, valid=selected
+            expert_index,
+            num_experts,
+            block_size=1 if path == "grouped" else block_size,
+            valid=selected,
         )
         plan["capacity"] = capacity.capacity
     elif "position" in routing:
@@ -149,7 +233,9 @@ def plan_dispatch(
             priority=routing.get("priority"),
             valid=selected,
             limit=capacity.limit,
+            order=order,
         )
+    plan["path"] = path
     return plan, selected
 
 
@@ -169,14 +255,15 @@ def _token_major(values):
 
 def plan_task_dispatch(
     routings, ks, num_experts, num_tokens, capacity_factor, valid=None,
-    blocks=True,
+    path="capacity",
 ):
     """One dispatch plan for the routings of `T` routers (one per task) of
     the same `N` tokens, as `N T` pseudo-tokens, token-major (pseudo-token
     `n T + t` is token `n` of task `t`), so the expert bank runs once.
 
-    - Dropless (`capacity_factor=None`, `blocks`, no router placed its
-      tokens): every pair gets one row of expert-sorted blocks.
+    - `path` `"blocks"` or `"grouped"` (dropless, see `choose_path`):
+      every pair gets one row of expert-sorted blocks (single rows for the
+      grouped matmul).
     - Routers of one width `k`, none placing its tokens: all `k T N` pairs
       compete for one capacity `C = compute_capacity(T N, E, k, cf)`,
       token-major, so no task is favoured when an expert overflows.
@@ -190,8 +277,7 @@ def plan_task_dispatch(
         num_tokens: `N`.
         capacity_factor: the call's capacity factor (`None`: dropless).
         valid: optional `(N,)` bool, the tokens that count.
-        blocks: whether the dropless case may use blocks (e.g. not for an
-            int8 expert bank).
+        path: the dispatch path (`choose_path` with the `T` routers).
 
     Returns:
         `(plan, selected, combine_weights)`: the plan of the `N T`
@@ -208,7 +294,7 @@ def plan_task_dispatch(
     def real(pairs):  # (N, k') bool pairs of the valid tokens only
         return pairs if valid is None else ops.logical_and(pairs, valid[:, None])
 
-    if capacity_factor is None and blocks and not placed:
+    if path in ("blocks", "grouped"):
         # Dropless: every pair gets one row of the expert-sorted blocks
         # (keras_moe.ops.dropless), at the cost of the k T N pairs.
         k = max(widths)
@@ -217,7 +303,13 @@ def plan_task_dispatch(
         pairs = _token_major(
             [real(pad_choices(ops.ones_like(i), k) > 0) for i in own]
         )
-        plan = dropless.make_block_plan(index, e, valid=pairs, rows_per_token=t_count)
+        plan = dropless.make_block_plan(
+            index,
+            e,
+            block_size=1 if path == "grouped" else None,
+            valid=pairs,
+            rows_per_token=t_count,
+        )
         plan["capacity"] = num_tokens * t_count
         selected = None if valid is None else pairs
     elif joint:
@@ -300,6 +392,8 @@ def plan_task_dispatch(
         selected = _token_major(chosen)
 
     weights = _token_major([pad_choices(r["combine_weights"], k) for r in routings])
+    plan["path"] = path
+    plan["rows_per_token"] = t_count
     return plan, selected, weights
 
 

@@ -51,3 +51,21 @@ def top_k(x, k):
             available = ops.logical_and(available, ops.logical_not(taken))
             remaining = ops.where(taken, lowest, remaining)
     return ops.concatenate(values, axis=-1), ops.concatenate(indices, axis=-1)
+
+
+def top_k_routing(probs, k):
+    """Token-choice routing on router probabilities `(..., E)`: the top-`k`
+    experts `I` and their weights `w_j = p_{I_j} / sum_{i in I} p_i`
+    (renormalised for `k > 1`; for `k = 1` the raw probability, so that the
+    task loss trains the router, as in Switch).
+
+    The one top-k routing rule of the package: `Router.top_k_routing` and
+    `MixtureOfExperts` call it.
+
+    Returns:
+        `(combine_weights, expert_index)`, each `(..., k)`.
+    """
+    weights, expert_index = top_k(probs, k)
+    if k > 1:
+        weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+    return weights, expert_index

@@ -1,12 +1,37 @@
-"""Argument checks that raise a `ValueError` naming the bad value."""
+"""Argument checks that raise a `ValueError` naming the bad value.
+
+Besides the type of each argument, the sizes have ceilings (issue 32): a
+`.keras` file whose config was edited to an absurd size fails here, in the
+constructor or in `build`, with the argument's name, instead of allocating
+gigabytes (or aborting the process) before Keras finds that the weights do
+not fit. The ceilings are far above any model these layers are used for;
+`docs/guarantees.md` lists them with their tests.
+"""
 
 import math
 import numbers
 
 import keras
+import numpy as np
+
+from keras_moe.utils.tensors import flat_mask
+
+# Ceilings of the size arguments (see the module docstring).
+MAX_EXPERTS = 2**16  # experts of a bank or slots per expert (DeepSeek-V3: 256)
+MAX_WIDTH = 2**18  # hidden / output / head widths (the widest FFNs: ~2**16)
+MAX_CLASSES = 2**20  # classes of a ClassificationHead
+MAX_TASKS = 1024  # tasks of a multi-task layer (a gate and an output each)
+MAX_TASK_IDS = 2**20  # rows of a TaskRouter's (tasks, experts) table
+MAX_LEVELS = 16  # PLE levels, head hidden layers (PLE's paper: 1-3 levels)
+MAX_VOCAB = 2**22  # HashRouter table rows (LLM vocabularies: ~2**18)
+# Elements of any one weight: XLA and TensorFlow index tensors with int32
+# (JAX aborted the process on a larger SoftMoE slot kernel).
+MAX_WEIGHT_ELEMENTS = 2**31 - 1
+MAX_SEED = 2**32 - 1
 
 
-def positive_int(name, value):
+def positive_int(name, value, maximum=None):
+    """An int >= 1 (not a bool), at most `maximum` if given."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
@@ -15,10 +40,11 @@ def positive_int(name, value):
         raise ValueError(
             f"{name} must be a positive integer. Received: {name}={value!r}"
         )
-    return int(value)
+    return _at_most(name, int(value), maximum)
 
 
-def non_negative_int(name, value):
+def non_negative_int(name, value, maximum=None):
+    """An int >= 0 (not a bool), at most `maximum` if given."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
@@ -27,7 +53,80 @@ def non_negative_int(name, value):
         raise ValueError(
             f"{name} must be an integer >= 0. Received: {name}={value!r}"
         )
+    return _at_most(name, int(value), maximum)
+
+
+def _at_most(name, value, maximum):
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name} must be at most {maximum:,} (a ceiling far above real "
+            f"models; an edited file?). Received: {name}={value!r}"
+        )
+    return value
+
+
+def boolean(name, value):
+    """A real boolean: `True` or `False` (a NumPy bool too). Strings such as
+    "False" or "no", numbers and None are refused: `bool("False")` is True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(
+        f"{name} must be True or False. Received: {name}={value!r} "
+        f"(of type {type(value).__name__})"
+    )
+
+
+def seed(name, value):
+    """A seed: None or an int in [0, 2**32 - 1] (not a bool, a float or a
+    string)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= value <= MAX_SEED
+    ):
+        raise ValueError(
+            f"{name} must be None or an integer in [0, {MAX_SEED}]. "
+            f"Received: {name}={value!r}"
+        )
     return int(value)
+
+
+def initializer(name, value):
+    """`keras.initializers.get(value)`, whose error names `name`."""
+    return _keras_object(name, value, keras.initializers.get, "initializer")
+
+
+def regularizer(name, value):
+    """`keras.regularizers.get(value)` (None stays None), whose error
+    names `name`."""
+    return _keras_object(name, value, keras.regularizers.get, "regularizer")
+
+
+def _keras_object(name, value, get, kind):
+    example = "'glorot_uniform'" if kind == "initializer" else "'l2'"
+    try:
+        return get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{name} must be a Keras {kind}: a name such as {example}, a "
+            f"config dict or an instance. Received: {name}={value!r} ({error})"
+        ) from None
+
+
+def weight_elements(layer, weight, shape, **arguments):
+    """Refuses a weight of `shape` with more than `MAX_WEIGHT_ELEMENTS`
+    elements before it is allocated, naming the `arguments` (name=value)
+    that set its size."""
+    count = math.prod(int(n) for n in shape)
+    if count > MAX_WEIGHT_ELEMENTS:
+        given = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+        raise ValueError(
+            f"{layer}: the weight {weight!r} would have shape {tuple(shape)}, "
+            f"{count:,} elements, more than the {MAX_WEIGHT_ELEMENTS:,} a "
+            f"tensor can index. Received: {given}"
+        )
 
 
 def router_layer(router, num_experts):
@@ -87,11 +186,19 @@ def capacity_factor(name, value):
     )
 
 
+# Rows of one dropless block. Every expert's group is padded to whole
+# blocks, so a call computes up to `E (block_size - 1)` padding rows on top
+# of its `N k` pairs: 16 x the largest block the layers pick by themselves
+# (256; MegaBlocks uses 128).
+MAX_BLOCK_SIZE = 4096
+
+
 def block_size(name, value):
-    """A dropless block size is a positive int, or None (chosen per shape)."""
+    """A dropless block size is a positive int up to `MAX_BLOCK_SIZE`, or
+    None (chosen per shape)."""
     if value is None:
         return None
-    return positive_int(name, value)
+    return positive_int(name, value, maximum=MAX_BLOCK_SIZE)
 
 
 def one_of(name, value, allowed):
@@ -217,6 +324,4 @@ def token_mask(layer, mask, inputs):
             f"{layer}: the mask must have the inputs' shape without the last "
             f"axis, {expected}. Received: mask shape {tuple(mask.shape)}"
         )
-    if mask.dtype != "bool":
-        mask = ops.not_equal(mask, 0)
-    return ops.reshape(mask, (-1,))
+    return flat_mask(mask)

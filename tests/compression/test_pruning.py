@@ -13,21 +13,26 @@ from keras_moe import compression
 from keras_moe.compression import expert_usage, prune_experts, select_experts
 from keras_moe.layers import (
     CGC,
-    DSelectKRouter,
     BoxHead,
     ClassificationHead,
-    BalancedAssignmentRouter,
-    ExpertChoiceRouter,
+    DSelectKRouter,
     HashRouter,
     MixtureOfExperts,
     MultiGateMoE,
     SoftMoE,
     SparseMoE,
-    TaskRouter,
     TopKRouter,
     default_compile_args,
 )
-from tests.conftest import moe_model, randomize, to_numpy, zeros
+from tests.conftest import (
+    PRUNE,
+    ROUTER_CASES,
+    cases_with,
+    moe_model,
+    randomize,
+    to_numpy,
+    zeros,
+)
 
 
 def numpy_experts(weights, kept, x):
@@ -102,76 +107,65 @@ def test_pruning_unused_experts_changes_nothing():
     )
 
 
+PRUNED = 6  # experts in each layer; every row's prune_keep keeps 4
+
+
 def test_every_router_family_prunes_through_its_hooks():
-    """Each router prunes itself; tokens whose experts are all kept keep
-    their outputs (the dropped experts are made unreachable, or, for the
+    """Each router of ROUTER_CASES (tests/conftest.py), in one model (one
+    compile), prunes itself; tokens whose experts are all kept keep their
+    outputs (the row makes the dropped experts unreachable, or, for the
     hash table, only such tokens are compared); the pruned model saves."""
     rng = np.random.default_rng(5)
-    x = rng.random((16, 4, 8)).astype("float32")  # > 0: see BASE below
-    token_ids = rng.integers(0, 20, (16, 4)).astype("int32")
-    task_ids = rng.integers(0, 3, (16, 4)).astype("int32")
-    inputs = keras.Input((4, 8))
-    ids_in = keras.Input((4,), dtype="int32")
-    tasks_in = keras.Input((4,), dtype="int32")
-
-    def moe(router, name):
-        return zeros(SparseMoE, 6, 8, router=router, eval_capacity_factor=None, name=name)
-
-    routers = {
-        "ec": ExpertChoiceRouter(6, k=2, use_bias=True, kernel_initializer="zeros"),
-        "base": BalancedAssignmentRouter(6, kernel_initializer="zeros"),
-        "dselect": DSelectKRouter(6, k=2, kernel_initializer="zeros"),
-        "task": TaskRouter(6, num_tasks=3, k=2, kernel_initializer="zeros"),
-        "hash": HashRouter(6, k=2, vocab_size=20, seed=0),
-    }
-    outputs = [moe(routers[n], n)(inputs) for n in ("ec", "base", "dselect")]
-    outputs.append(moe(routers["task"], "task")(inputs, routing_inputs=tasks_in))
-    outputs.append(moe(routers["hash"], "hash")(inputs, routing_inputs=ids_in))
+    x = rng.random((16, 4, 8)).astype("float32")  # > 0: see _kernel_columns
+    cases = cases_with(ROUTER_CASES, PRUNE)
+    x_in = keras.Input((4, 8))
+    inputs, data, outputs, routers, ids = [x_in], [x], [], {}, {}
+    for i, case in enumerate(cases):
+        routers[case.id] = case.make(PRUNED, zeros=True)
+        moe = zeros(SparseMoE, PRUNED, 8, router=routers[case.id],
+                    eval_capacity_factor=None, name=case.id)
+        kwargs = case.call_kwargs((16, 4), seed=i)
+        if kwargs:
+            ids_in = keras.Input((4,), dtype="int32")
+            inputs.append(ids_in)
+            ids[case.id] = kwargs["routing_inputs"]
+            data.append(ids[case.id])
+            outputs.append(moe(x_in, routing_inputs=ids_in))
+        else:
+            outputs.append(moe(x_in))
     # MultiGateMoE prunes each task's router through the same hooks.
-    gates = [DSelectKRouter(6, k=2, kernel_initializer="zeros") for _ in range(2)]
-    outputs += zeros(MultiGateMoE, 2, 6, 8, routers=gates, eval_capacity_factor=None,
-                     name="mmoe")(keras.layers.Flatten()(inputs))
-    model = randomize(keras.Model([inputs, ids_in, tasks_in], outputs))
-    # Dropped experts 4 and 5 (1 and 4 for the table): unreachable.
-    routers["ec"].bias.assign(np.array([0, 0, 0, 0, -1e3, -1e3], "float32"))
-    base = to_numpy(routers["base"].kernel)
-    base[:, 4:] = -10.0  # affinities of positive inputs: far below the others
-    routers["base"].kernel.assign(base)
-    code_bias = np.zeros(6, "float32")  # 2 selectors x 3 bits; bit 2 off
-    code_bias[[2, 5]] = -10.0
-    for router in [routers["dselect"]] + gates:
-        router.code_bias.assign(code_bias)
-    logits = to_numpy(routers["task"].task_logits)
-    logits[:, 4:] = -1e3
-    routers["task"].task_logits.assign(logits)
-    data = [x, token_ids, task_ids]
+    dselect = next(case for case in cases if case.id == "dselect_k")
+    gates = [dselect.make(PRUNED, zeros=True) for _ in range(2)]
+    outputs += zeros(MultiGateMoE, 2, PRUNED, 8, routers=gates, eval_capacity_factor=None,
+                     name="mmoe")(keras.layers.Flatten()(x_in))
+    model = randomize(keras.Model(inputs, outputs))
+    for case in cases:
+        if case.unreachable is not None:
+            case.unreachable(routers[case.id], case.prune_keep)
+    for gate in gates:
+        dselect.unreachable(gate, dselect.prune_keep)
     expected = model.predict(data, verbose=0)
 
-    keep = {n: [0, 1, 2, 3] for n in ("ec", "base", "dselect", "task", "mmoe")}
-    keep["hash"] = [0, 2, 3, 5]
+    keep = {case.id: list(case.prune_keep) for case in cases}
+    keep["mmoe"] = list(dselect.prune_keep)
     pruned = prune_experts(model, keep)
     got = pruned.predict(data, verbose=0)
-    names = ("ec", "base", "dselect", "task", None, "mmoe", "mmoe")
-    for name, a, b in zip(names, got, expected):
-        if name is not None:
-            assert pruned.get_layer(name).num_experts == 4, name
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert pruned.get_layer("dselect").router.num_bits == 2
-    # The hash table: ids of kept experts keep them (renumbered), and the
-    # slots of dropped experts are spread over the kept ones.
-    old_table = to_numpy(routers["hash"].table)
-    table = to_numpy(pruned.get_layer("hash").router.table)
-    both_kept = np.isin(old_table, keep["hash"]).all(axis=1)
-    renumber = {e: i for i, e in enumerate(keep["hash"])}
-    np.testing.assert_array_equal(
-        table[both_kept], np.vectorize(renumber.get)(old_table[both_kept])
-    )
-    assert (table[:, 0] != table[:, 1]).all()
-    loads = np.bincount(table.ravel(), minlength=4)
-    assert loads.max() - loads.min() <= 2, loads
-    same = both_kept[token_ids]  # (16, 4) tokens whose experts are kept
-    assert same.any() and not same.all()
-    np.testing.assert_allclose(got[4][same], expected[4][same], rtol=1e-5, atol=1e-6)
+    for name in [case.id for case in cases] + ["mmoe"]:
+        assert pruned.get_layer(name).num_experts == 4, name
+    for i, case in enumerate(cases):
+        same = np.ones((16, 4), bool)
+        if case.unreachable is None:  # the tokens routed to kept experts
+            kwargs = {"routing_inputs": ids[case.id].reshape(-1)} if case.id in ids else {}
+            routing = routers[case.id](x.reshape(-1, 8), **kwargs)
+            index = to_numpy(routing["expert_index"]).reshape(16, 4, -1)
+            same = np.isin(index, case.prune_keep).all(axis=-1)
+            assert same.any() and not same.all(), case.id
+        np.testing.assert_allclose(
+            got[i][same], expected[i][same], rtol=1e-5, atol=1e-6, err_msg=case.id
+        )
+    for a, b in zip(got[len(cases):], expected[len(cases):]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="mmoe")
+    assert pruned.get_layer("dselect_k").router.num_bits == 2
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pruned.keras")
@@ -179,6 +173,28 @@ def test_every_router_family_prunes_through_its_hooks():
         reloaded = keras.saving.load_model(path)
     for a, b in zip(reloaded.predict(data, verbose=0), got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pruned_hash_table_renumbers_kept_experts_and_spreads_dropped_ones():
+    """The hash table: ids of kept experts keep them (renumbered), and the
+    slots of dropped experts are spread over the kept ones."""
+    router = HashRouter(6, k=2, vocab_size=20, seed=0)
+    router.build((None, 8))
+    keep = [0, 2, 3, 5]
+    small = HashRouter.from_config(router.pruned_config(keep))
+    small.build((None, 8))
+    small.copy_pruned_weights(router, keep)
+    old_table = to_numpy(router.table)
+    table = to_numpy(small.table)
+    both_kept = np.isin(old_table, keep).all(axis=1)
+    assert both_kept.any() and not both_kept.all()
+    renumber = {e: i for i, e in enumerate(keep)}
+    np.testing.assert_array_equal(
+        table[both_kept], np.vectorize(renumber.get)(old_table[both_kept])
+    )
+    assert (table[:, 0] != table[:, 1]).all()
+    loads = np.bincount(table.ravel(), minlength=4)
+    assert loads.max() - loads.min() <= 2, loads
 
 
 def test_routers_that_cannot_be_pruned_say_why():

@@ -12,24 +12,22 @@ import pytest
 from keras_moe.utils import keras_internals
 from keras_moe.compression import weight_bytes
 from keras_moe.layers import (
-    CGC,
     PLE,
-    BalancedAssignmentRouter,
-    BinaryHead,
-    BoxHead,
-    ClassificationHead,
-    DSelectKRouter,
-    ExpertChoiceRouter,
     Experts,
-    MixtureOfExperts,
     MultiGateMoE,
-    RegressionHead,
     SoftMoE,
     SparseMoE,
-    TopKRouter,
 )
 from keras_moe.layers import experts as experts_module
-from tests.conftest import ZEROS, randomize, to_numpy
+from tests.conftest import (
+    QUANTIZE,
+    ZEROS,
+    RouterCase,
+    layer_cases,
+    randomize,
+    router_cases,
+    to_numpy,
+)
 
 WEIGHT_ONLY = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
 
@@ -292,43 +290,6 @@ def test_docstring_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-def _dense_experts(num):
-    return [keras.layers.Dense(3, kernel_initializer=ZEROS) for _ in range(num)]
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: RegressionHead(2, kernel_initializer=ZEROS),
-        lambda: ClassificationHead(3, hidden_units=[4], kernel_initializer=ZEROS),
-        lambda: BinaryHead(hidden_units=[4], kernel_initializer=ZEROS),
-        lambda: BoxHead(hidden_units=[4], kernel_initializer=ZEROS),
-        lambda: MixtureOfExperts(_dense_experts(3), integration="attention", k=2),
-        lambda: MixtureOfExperts(_dense_experts(2)),
-    ],
-    ids=["regression", "classification", "binary", "box", "sparse-mixture",
-         "dense-mixture"],
-)
-def test_quantized_heads_and_mixtures_save_and_load(make, tmp_path):
-    """Issue 22: a head's Dense layers (and a mixture's gate and attention
-    layers) are created from the owner's config, so they came back float
-    and loading failed ("Layer 'outputs' expected 2 variables, but received
-    3"). Their int8 policies are now in the owner's config."""
-    x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
-    inputs = keras.Input((8,))
-    model = randomize(keras.Model(inputs, make()(inputs)))
-    _quantize(model)
-    dense = [l for l in keras_internals.flatten_layers(model) if isinstance(l, keras.layers.Dense)]
-    assert dense and all(l.quantization_mode == "int8" for l in dense)
-    outputs = model.predict(x, verbose=0)
-    path = str(tmp_path / "int8.keras")
-    model.save(path)
-    reloaded = keras.saving.load_model(path)
-    revived = [l for l in keras_internals.flatten_layers(reloaded) if isinstance(l, keras.layers.Dense)]
-    assert [l.quantization_mode for l in revived] == ["int8"] * len(dense)
-    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), outputs)
-
-
 def test_quantized_bank_keeps_the_glu_options_and_expert_scale(tmp_path):
     # Issue 23's expert options: the int8 call applies the clamp, the offset
     # and the per-expert scale, and the scale survives save/load.
@@ -356,46 +317,44 @@ def test_quantized_bank_keeps_the_glu_options_and_expert_scale(tmp_path):
     np.testing.assert_array_equal(reloaded.predict(x, verbose=0), got)
 
 
-def _routed(router, **kwargs):
-    return lambda: SparseMoE(
-        4, 8, router=router(), kernel_initializer=ZEROS, eval_capacity_factor=1.0,
-        **kwargs,
-    )
+def _quantizable(model):
+    return [
+        layer for layer in keras_internals.flatten_layers(model)
+        if isinstance(layer, (Experts, keras.layers.Dense))
+    ]
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        _routed(
-            lambda: TopKRouter(4, k=2, kernel_initializer=ZEROS), num_shared_experts=1
-        ),
-        _routed(lambda: ExpertChoiceRouter(4, k=2, kernel_initializer=ZEROS)),
-        _routed(lambda: BalancedAssignmentRouter(4, kernel_initializer=ZEROS)),
-        _routed(lambda: DSelectKRouter(4, k=2, kernel_initializer=ZEROS)),
-        lambda: MultiGateMoE(2, 4, 8, k=1, kernel_initializer=ZEROS,
-                             gate_kernel_initializer=ZEROS),
-        lambda: CGC(
-            2, 1, 1, 8, kernel_initializer=ZEROS, gate_kernel_initializer=ZEROS
-        ),
-        lambda: SoftMoE(4, 8, kernel_initializer=ZEROS, slot_initializer=ZEROS),
-    ],
-    ids=["topk-shared", "expert-choice", "balanced-assignment", "dselect-k",
-         "sparse-mmoe", "cgc", "soft-moe"],
+    "case", router_cases(QUANTIZE) + layer_cases(QUANTIZE)
 )
-def test_every_routed_family_quantizes_saves_and_loads(make, tmp_path):
-    """Every layer family, with every router family: quantize -> save ->
-    load -> the same predictions (issue 22: every saved model loads)."""
-    x = np.random.default_rng(4).normal(size=(2, 6, 8)).astype("float32")
-    inputs = keras.Input((6, 8))
-    outputs = make()(inputs)
+def test_every_layer_family_quantizes_saves_and_loads(case, tmp_path):
+    """Every router (in a SparseMoE with a shared expert) and every layer
+    family of tests/conftest.py: quantize -> save -> load -> the same
+    predictions (issue 22: every saved model loads). Every expert bank and
+    Dense layer (a head's, a mixture's gate and attention layers) is int8
+    and comes back int8: their policies are in the owner's config (a head's
+    came back float before: "Layer 'outputs' expected 2 variables, but
+    received 3")."""
+    if isinstance(case, RouterCase):
+        layer = case.moe(zeros=True, eval_capacity_factor=1.0, num_shared_experts=1)
+        x_shape = (2, 6, 8)
+        inputs, outputs = case.model(layer, x_shape[1:])
+    else:
+        x_shape = case.input_shape
+        inputs = keras.Input(x_shape[1:], batch_size=x_shape[0])
+        outputs = case.make(zeros=True)(inputs)
     if isinstance(outputs, list):
         outputs = keras.layers.Concatenate()(outputs)
     model = randomize(keras.Model(inputs, outputs))
+    x = np.random.default_rng(4).normal(size=x_shape).astype("float32")
+    data = case.data(x) if isinstance(case, RouterCase) else x
     _quantize(model)
-    banks = [l for l in keras_internals.flatten_layers(model) if isinstance(l, Experts)]
-    assert banks and all(b.quantization_mode == "int8" for b in banks)
-    expected = model.predict(x, verbose=0)
+    quantized = _quantizable(model)
+    assert quantized and all(l.quantization_mode == "int8" for l in quantized)
+    expected = model.predict(data, verbose=0)
     path = str(tmp_path / "int8.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), expected)
+    modes = [l.quantization_mode for l in _quantizable(reloaded)]
+    assert modes == ["int8"] * len(quantized)
+    np.testing.assert_array_equal(reloaded.predict(data, verbose=0), expected)

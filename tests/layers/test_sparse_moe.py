@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers import SparseMoE
+from keras_moe.layers import SparseMoE, TopKRouter
 from keras_moe.testing import run_layer_test
 from tests.conftest import (
     copy_weights,
@@ -38,6 +38,7 @@ def test_layer_contract(dispatch):
             z_loss_weight=0.001,
             router_kernel_initializer="glorot_normal",
             seed=3,
+            causal=True,
         ),
         tokens((4, 5, 8)),
         expected_output_shape=(4, 5, 7),
@@ -486,3 +487,32 @@ def test_sparse_equals_dense_with_the_expert_options():
 def test_bad_shared_and_glu_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseMoE(4, 8, **kwargs)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, None])
+def test_causal_outputs_ignore_later_tokens(capacity_factor):
+    # causal=True: in training, with a capacity that drops pairs, a token's
+    # output does not change when a later token of its sequence changes
+    # (the pairs are placed token-major); dropless is causal anyway.
+    layer = SparseMoE(4, 8, k=2, capacity_factor=capacity_factor, causal=True)
+    x = tokens((1, 12, 6))
+    before = keras.ops.convert_to_numpy(layer(x, training=True))
+    changed = x.copy()
+    changed[0, 7:] = tokens((5, 6), seed=1) * 3.0
+    after = keras.ops.convert_to_numpy(layer(changed, training=True))
+    np.testing.assert_allclose(after[0, :7], before[0, :7], atol=1e-6)
+    assert not np.allclose(after[0, 7:], before[0, 7:])
+
+
+def test_causal_refuses_routers_that_look_at_every_token():
+    from keras_moe.layers import BalancedAssignmentRouter, ExpertChoiceRouter
+
+    for router in (
+        ExpertChoiceRouter(4, k=2),
+        BalancedAssignmentRouter(4),
+        TopKRouter(4, k=1, batch_prioritized=True),
+    ):
+        with pytest.raises(ValueError, match="causal=True refuses"):
+            SparseMoE(4, 8, router=router, causal=True)
+    with pytest.raises(ValueError, match="causal must be True or False"):
+        SparseMoE(4, 8, causal="yes")

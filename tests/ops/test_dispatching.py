@@ -13,18 +13,22 @@ from keras_moe import ops as moe_ops
 from tests.conftest import input_gradients
 
 
-def numpy_plan(expert_index, num_experts, capacity, priority=None):
-    """Reference: walk the pairs in priority order (choice, then token, the
-    tokens by decreasing priority if given)."""
+def numpy_plan(expert_index, num_experts, capacity, priority=None, order="choice"):
+    """Reference: walk the pairs in priority order (choice, then token, or
+    with `order="token"` token, then choice; the tokens by decreasing
+    priority if given)."""
     n, k = expert_index.shape
     position = np.zeros((n, k), np.int64)
     fill = np.zeros(num_experts, np.int64)
     token_order = range(n) if priority is None else np.argsort(-priority, kind="stable")
-    for j in range(k):
-        for t in token_order:
-            e = expert_index[t, j]
-            position[t, j] = fill[e]
-            fill[e] += 1
+    if order == "choice":
+        pairs = [(t, j) for j in range(k) for t in token_order]
+    else:
+        pairs = [(t, j) for t in token_order for j in range(k)]
+    for t, j in pairs:
+        e = expert_index[t, j]
+        position[t, j] = fill[e]
+        fill[e] += 1
     return position, position < capacity
 
 
@@ -48,13 +52,18 @@ def routings(draw):
     priority = (
         rng.permutation(num_tokens).astype("float32") if draw(st.booleans()) else None
     )
-    return expert_index, weights, num_experts, capacity_factor, seed, priority
+    # Choice-major (GShard) or token-major (causal) placement.
+    order = draw(st.sampled_from(["choice", "token"]))
+    return expert_index, weights, num_experts, capacity_factor, seed, priority, order
 
 
-def run(expert_index, weights, num_experts, capacity_factor, seed, priority):
+def run(expert_index, weights, num_experts, capacity_factor, seed, priority,
+        order="choice"):
     n, k = expert_index.shape
     capacity = moe_ops.compute_capacity(n, num_experts, k, capacity_factor)
-    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity, priority)
+    plan = moe_ops.make_dispatch_plan(
+        expert_index, num_experts, capacity, priority, order=order
+    )
     return capacity, {
         key: keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value
         for key, value in plan.items()
@@ -64,7 +73,7 @@ def run(expert_index, weights, num_experts, capacity_factor, seed, priority):
 @settings(max_examples=20, deadline=None)
 @given(routings())
 def test_plan_matches_reference_and_invariants(case):
-    expert_index, weights, num_experts, capacity_factor, seed, priority = case
+    expert_index, weights, num_experts, capacity_factor, seed, priority, order = case
     n, k = expert_index.shape
     capacity, plan = run(*case)
     if capacity_factor is None:
@@ -73,7 +82,9 @@ def test_plan_matches_reference_and_invariants(case):
         cf = Fraction(capacity_factor).limit_denominator(10_000)
         assert capacity == min(n, math.ceil(k * n * cf / num_experts))
 
-    position, keep = numpy_plan(expert_index, num_experts, capacity, priority)
+    position, keep = numpy_plan(
+        expert_index, num_experts, capacity, priority, order
+    )
     np.testing.assert_array_equal(plan["position"], position)
     np.testing.assert_array_equal(plan["keep"], keep)
 
@@ -102,10 +113,12 @@ def test_plan_matches_reference_and_invariants(case):
 @settings(max_examples=10, deadline=None)
 @given(routings())
 def test_combine_uses_each_kept_pair_once_with_its_weight(case):
-    expert_index, weights, num_experts, capacity_factor, seed, priority = case
+    expert_index, weights, num_experts, capacity_factor, seed, priority, order = case
     n, k = expert_index.shape
     capacity, plan_np = run(*case)
-    plan = moe_ops.make_dispatch_plan(expert_index, num_experts, capacity, priority)
+    plan = moe_ops.make_dispatch_plan(
+        expert_index, num_experts, capacity, priority, order=order
+    )
     rng = np.random.default_rng(seed + 1)
     d = 3
     tokens = rng.normal(size=(n, d)).astype("float32")
@@ -119,7 +132,9 @@ def test_combine_uses_each_kept_pair_once_with_its_weight(case):
 
     outputs = moe_ops.combine(buffers * scale, plan, weights)
     outputs = keras.ops.convert_to_numpy(outputs)
-    position, keep = numpy_plan(expert_index, num_experts, capacity, priority)
+    position, keep = numpy_plan(
+        expert_index, num_experts, capacity, priority, order
+    )
     expected = np.zeros((n, d), np.float32)
     for t in range(n):
         for j in range(k):

@@ -1,6 +1,7 @@
-"""keras_moe.ops.planning: the route -> capacity -> plan step that
-SparseMoE, MultiGateMoE and MixtureOfExperts share. The layers' own tests
-pin its numerics end to end; these check its rules directly."""
+"""keras_moe.ops.planning: the capacity, path and plan rules that
+SparseMoE, MultiGateMoE and MixtureOfExperts share (through
+keras_moe.ops.pipeline). The layers' own tests pin its numerics end to end;
+these check its rules directly."""
 
 import numpy as np
 
@@ -60,14 +61,60 @@ def test_plan_dispatch_is_the_plan_of_the_ops():
     assert selected is None
     for key in ("position", "keep", "slot"):
         np.testing.assert_array_equal(to_numpy(plan[key]), to_numpy(expected[key]))
-    # Dropless blocks when asked for (and only then).
-    blocks, _ = planning.plan_dispatch(
-        {"expert_index": index},
-        5,
-        planning.choose_capacity(12, 5, 2, None),
-        blocks=True,
-    )
-    assert isinstance(blocks, dropless.BlockPlan) and blocks["capacity"] == 12
+    assert plan["path"] == "capacity"
+    # Dropless blocks when asked for (and only then); single rows for the
+    # grouped matmul.
+    for path, block_size in (("blocks", 4), ("grouped", 1)):
+        blocks, _ = planning.plan_dispatch(
+            {"expert_index": index},
+            5,
+            planning.choose_capacity(12, 5, 2, None),
+            path=path,
+            block_size=4,
+        )
+        assert isinstance(blocks, dropless.BlockPlan) and blocks["capacity"] == 12
+        assert blocks["path"] == path and blocks["block_size"] == block_size
+
+
+class _Bank:
+    def __init__(self, paths):
+        self.dispatch_paths = paths
+
+
+def test_choose_path_is_the_one_place_the_path_is_chosen(monkeypatch):
+    float_bank = _Bank(("capacity", "grouped", "blocks"))
+    int8_bank = _Bank(("capacity",))
+    choose = planning.choose_path
+    assert choose(None, dispatch="dense") == "dense"
+    assert choose(1.25, dispatch="dense") == "dense"
+    assert choose(1.25, [_DuckTyped()], float_bank) == "capacity"
+    assert choose(None, [_Placing()], float_bank) == "capacity"
+    assert choose(None, [_DuckTyped()], float_bank, sharded=True) == "capacity"
+    assert choose(None, [_DuckTyped()], int8_bank) == "capacity"
+    assert choose(None, [_DuckTyped()], lambda buffers: buffers) == "capacity"
+    monkeypatch.setattr(planning.grouped, "grouped_kernel_available", lambda: False)
+    assert choose(None, [_DuckTyped()], float_bank) == "blocks"
+    monkeypatch.setattr(planning.grouped, "grouped_kernel_available", lambda: True)
+    assert choose(None, [_DuckTyped()], float_bank) == "grouped"
+    assert choose(None, [_DuckTyped()], _Bank(("capacity", "blocks"))) == "blocks"
+    assert choose(1.0, [_DuckTyped()], float_bank) == "capacity"
+
+
+def test_token_order_places_earlier_tokens_first():
+    # Token 0 picks experts (1, 0), token 1 picks (0, 1); expert 0 has one
+    # row. Choice-major (GShard): token 1's first choice wins expert 0.
+    # Token-major (causal): token 0's second choice, placed first, wins.
+    index = np.array([[1, 0], [0, 1]], "int32")
+    capacity = planning.choose_capacity(2, 2, 2, 0.5)  # C = 1
+    assert capacity.capacity == 1
+    keep = {}
+    for order in ("choice", "token"):
+        plan, _ = planning.plan_dispatch(
+            {"expert_index": index}, 2, capacity, order=order
+        )
+        keep[order] = to_numpy(plan["keep"])
+    np.testing.assert_array_equal(keep["choice"], [[True, False], [True, False]])
+    np.testing.assert_array_equal(keep["token"], [[True, True], [False, False]])
 
 
 def test_masked_tokens_are_not_selected():
@@ -93,7 +140,7 @@ def test_task_routings_of_one_width_share_one_capacity_token_major():
         "combine_weights": np.ones((4, 1), "float32"),
     }
     plan, selected, weights = planning.plan_task_dispatch(
-        [routing, routing], [1, 1], 2, 4, 0.5
+        [routing, routing], [1, 1], 2, 4, 0.5, path="capacity"
     )
     assert selected is None and tuple(weights.shape) == (8, 1)
     keep = to_numpy(plan["keep"])[:, 0]

@@ -10,6 +10,11 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import dispatching
+from keras_moe.utils.tensors import flat_mask, softmax
+
+# Sinkhorn iterations are unrolled into the graph: a ceiling keeps an edited
+# file from building a graph of millions of ops (BASE used a few).
+MAX_ITERATIONS = 1000
 
 
 def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
@@ -37,7 +42,7 @@ def sinkhorn_log_plan(affinities, num_iterations, temperature, mask=None):
     else:
         # Masked tokens (padding) are left out of the statistics and the
         # transport: their rows are held at a log-mass of -1e9 (exp: 0).
-        keep = ops.reshape(ops.cast(mask, "bool"), (-1, 1))
+        keep = flat_mask(mask)[:, None]
         a = ops.where(keep, a, 0.0)
         count = ops.sum(ops.cast(keep, "float32"))
         entries = ops.maximum(count * ops.cast(shape[1], "float32"), 1.0)
@@ -112,7 +117,7 @@ def capacity_constrained_assignment(scores, capacity, max_rounds, mask=None):
             # proposes and takes no room.
             ops.full((num_tokens,), -1, dtype="int32")
             if mask is None
-            else ops.where(ops.reshape(ops.cast(mask, "bool"), (-1,)), -1, 0),
+            else ops.where(flat_mask(mask), -1, 0),
             ops.zeros((num_experts,), dtype="int32"),
         ),
     )
@@ -174,7 +179,9 @@ class BalancedAssignmentRouter(Router):
         training: balanced assignment (True) or greedy argmax.
         mask: optional bool, `inputs.shape[:-1]` or `(N,)`: tokens that
             count; the balanced assignment is over those only (masked
-            tokens get expert 0 and take no room).
+            tokens get expert 0 and take no room). Tokens with a NaN or
+            Inf affinity are left out in the same way, so that they change
+            no other token's expert.
 
     Returns:
         A `RoutingResult` with `expert_index` `(..., 1)` int32, `combine_weights`
@@ -196,6 +203,8 @@ class BalancedAssignmentRouter(Router):
         Cuturi. Sinkhorn Distances (NeurIPS 2013).
     """
 
+    token_independent = False
+
     routing_fields = ("logits",)
 
     def __init__(
@@ -208,15 +217,17 @@ class BalancedAssignmentRouter(Router):
     ):
         # One expert per token: k is fixed, not an argument.
         super().__init__(num_experts, k=1, **kwargs)
-        self.num_iterations = check.non_negative_int("num_iterations", num_iterations)
+        self.num_iterations = check.non_negative_int(
+            "num_iterations", num_iterations, maximum=MAX_ITERATIONS
+        )
         temperature = check.non_negative_float("temperature", temperature)
         if temperature == 0:
             raise ValueError(
                 f"temperature must be > 0. Received: temperature={temperature!r}"
             )
         self.temperature = temperature
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
 
     def build(self, input_shape):
@@ -247,9 +258,16 @@ class BalancedAssignmentRouter(Router):
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         affinities = self.linear_logits(tokens)  # (N, E)
         if training:
+            # A token whose affinities are not finite (a NaN or Inf feature)
+            # is left out of the assignment like padding: in it, the
+            # standardisation and the transport would spread NaN to every
+            # token. It keeps expert 0 and its NaN stays in its own output.
+            finite = ops.all(ops.isfinite(affinities), axis=-1)
             if mask is not None:
-                mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
-            expert = self.balanced_assignment(affinities, mask=mask)
+                finite = ops.logical_and(
+                    flat_mask(mask), finite
+                )
+            expert = self.balanced_assignment(affinities, mask=finite)
         else:
             expert = ops.cast(ops.argmax(affinities, axis=-1), "int32")
         expert_index = expert[:, None]
@@ -259,7 +277,7 @@ class BalancedAssignmentRouter(Router):
             expert_index=ops.reshape(expert_index, lead + (1,)),
             combine_weights=ops.reshape(ops.sigmoid(chosen), lead + (1,)),
             probs=ops.reshape(
-                ops.softmax(affinities, axis=-1), lead + (self.num_experts,)
+                softmax(affinities, axis=-1), lead + (self.num_experts,)
             ),
             logits=ops.reshape(affinities, lead + (self.num_experts,)),
         )

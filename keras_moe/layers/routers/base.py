@@ -16,7 +16,9 @@ from keras_moe.layers import _pruning
 from keras_moe.layers import _routing_ids
 from keras_moe.utils import validation as check
 from keras_moe.ops import balancing, selection
+from keras_moe.ops.planning import accepts_mask  # noqa: F401 (re-exported)
 from keras_moe.utils import keras_internals
+from keras_moe.utils.tensors import flat_mask, softmax
 
 _ROUTING_DTYPES = {"expert_index": "int32", "position": "int32", "keep": "bool"}
 
@@ -32,11 +34,6 @@ _TOKEN_FIELDS = {
     "logits": ("experts",),
     "priority": (),
 }
-
-
-def accepts_mask(router):
-    """Whether a router's `call` takes the `mask=` argument."""
-    return "mask" in inspect.signature(router.call).parameters
 
 
 def default_router_initializer():
@@ -190,6 +187,10 @@ class Router(keras.layers.Layer):
     - `needs_routing_inputs` (False): the router routes on ids; its `call`
       takes `routing_inputs=`, one integer id per token (the MoE layer
       passes on its own `routing_inputs=`).
+    - `token_independent` (True): a token's routing depends on that token
+      alone (False for routers that choose among all the tokens of a call,
+      e.g. expert choice or balanced assignment; `SparseMoE(causal=True)`
+      refuses those).
     - `routing_fields`: the optional fields its `call` returns (see
       `RoutingResult`); the default `call` returns `logits`,
       `load_balance_loss` and `z_loss`. A field that is not one of the
@@ -233,6 +234,7 @@ class Router(keras.layers.Layer):
 
     assigns_positions = False
     needs_routing_inputs = False
+    token_independent = True
     routing_fields = ("logits", "load_balance_loss", "z_loss")
 
     def __init__(self, num_experts, k=1, **kwargs):
@@ -247,7 +249,9 @@ class Router(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.supports_masking = True
-        self.num_experts = check.positive_int("num_experts", num_experts)
+        self.num_experts = check.positive_int(
+            "num_experts", num_experts, maximum=check.MAX_EXPERTS
+        )
         self.k = check.k_for_experts(k, self.num_experts)
 
     @property
@@ -303,13 +307,10 @@ class Router(keras.layers.Layer):
         unweighted `load_balance_loss` (Switch) and `z_loss` (ST-MoE) over
         the tokens of `mask` (all by default)."""
         logits = ops.cast(logits, self.compute_dtype)
-        probs = ops.softmax(logits, axis=-1)
-        weights, expert_index = selection.top_k(probs, self.k)
-        if self.k > 1:
-            weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+        probs = softmax(logits, axis=-1)
+        weights, expert_index = selection.top_k_routing(probs, self.k)
         e = self.num_experts
-        if mask is not None:
-            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
+        mask = flat_mask(mask)
         return RoutingResult(
             expert_index=expert_index,
             combine_weights=weights,

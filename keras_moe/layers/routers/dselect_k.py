@@ -8,6 +8,7 @@ from keras import ops
 from keras_moe.utils import validation as check
 from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
+from keras_moe.utils.tensors import flat_mask
 
 
 def smooth_step(t, gamma):
@@ -131,11 +132,16 @@ class DSelectKRouter(Router):
         self.kernel_initializer = (
             None
             if kernel_initializer is None
-            else keras.initializers.get(kernel_initializer)
+            else check.initializer("kernel_initializer", kernel_initializer)
         )
-        self.use_bias = bool(use_bias)
-        if seed is not None:
-            seed = check.non_negative_int("seed", seed)
+        self.use_bias = check.boolean("use_bias", use_bias)
+        # The second kernel's initializer is seeded `seed + 1`.
+        seed = check.seed("seed", seed)
+        if seed is not None and seed >= check.MAX_SEED:
+            raise ValueError(
+                f"seed must be None or an integer in [0, {check.MAX_SEED - 1}]. "
+                f"Received: seed={seed!r}"
+            )
         self.seed = seed
         self.num_bits = num_code_bits(self.num_experts)
 
@@ -204,7 +210,7 @@ class DSelectKRouter(Router):
         entropy = -ops.sum(r_log_r, axis=(-2, -1))
         entropy_loss = balancing.masked_mean(
             ops.reshape(entropy, (-1,)),
-            None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,)),
+            flat_mask(mask),
         )
         routing = RoutingResult(
             expert_index=expert_index,

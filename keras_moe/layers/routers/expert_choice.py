@@ -11,6 +11,7 @@ from keras_moe.layers.routers.base import (
 )
 from keras_moe.ops import balancing
 from keras_moe.ops import dispatching
+from keras_moe.utils.tensors import flat_mask
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -93,6 +94,8 @@ class ExpertChoiceRouter(Router):
         (NeurIPS 2022). Zoph et al. ST-MoE (2022) for the z-loss.
     """
 
+    token_independent = False
+
     assigns_positions = True
     routing_fields = ("logits", "load_balance_loss", "z_loss")
 
@@ -107,12 +110,14 @@ class ExpertChoiceRouter(Router):
         **kwargs,
     ):
         super().__init__(num_experts, k=k, **kwargs)
-        self.use_bias = bool(use_bias)
+        self.use_bias = check.boolean("use_bias", use_bias)
         self.z_loss_weight = check.non_negative_float("z_loss_weight", z_loss_weight)
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
 
     def build(self, input_shape):
         if self.built:
@@ -139,8 +144,7 @@ class ExpertChoiceRouter(Router):
         shape = ops.shape(inputs)
         tokens = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, shape[-1]))
         num_tokens = ops.shape(tokens)[0]
-        if mask is not None:
-            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
+        mask = flat_mask(mask)
         if capacity is None:
             capacity = self.default_capacity(
                 num_tokens if mask is None else ops.sum(ops.cast(mask, "int32"))

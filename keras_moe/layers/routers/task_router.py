@@ -8,6 +8,7 @@ from keras_moe.layers import _routing_ids
 from keras_moe.utils import validation as check
 from keras_moe.layers.routers.base import Router, RoutingResult
 from keras_moe.ops import balancing, selection
+from keras_moe.utils.tensors import softmax
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -89,12 +90,15 @@ class TaskRouter(Router):
         **kwargs,
     ):
         super().__init__(num_experts, k=k, **kwargs)
-        self.num_tasks = check.positive_int("num_tasks", num_tasks)
+        self.num_tasks = check.positive_int(
+            "num_tasks", num_tasks, maximum=check.MAX_TASK_IDS
+        )
         self.load_balance_weight = check.non_negative_float(
             "load_balance_weight", load_balance_weight
         )
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or keras.initializers.RandomNormal(stddev=0.1)
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer",
+            kernel_initializer or keras.initializers.RandomNormal(stddev=0.1),
         )
 
     def build(self, input_shape):
@@ -110,7 +114,7 @@ class TaskRouter(Router):
     def _task_routing(self):
         """Per task: probs `(T, E)`, expert index and weights `(T, k)`."""
         logits = ops.cast(self.task_logits, self.compute_dtype)
-        probs = ops.softmax(logits, axis=-1)
+        probs = softmax(logits, axis=-1)
         weights, index = selection.top_k(probs, self.k)
         if self.k > 1:
             weights = weights / ops.sum(weights, axis=-1, keepdims=True)

@@ -10,6 +10,7 @@ from keras_moe.layers.routers.base import (
     default_router_initializer,
 )
 from keras_moe.ops import balancing, dispatching, selection
+from keras_moe.utils.tensors import flat_mask, softmax
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 INPUT_NORMS = ("rms",)
@@ -155,15 +156,18 @@ class TopKRouter(Router):
         self.score_function = check.one_of(
             "score_function", score_function, SCORE_FUNCTIONS
         )
-        self.noisy_gating = bool(noisy_gating)
-        if renormalize not in (True, False, "always"):
-            raise ValueError(
-                "renormalize must be True, False or 'always'. Received: "
-                f"renormalize={renormalize!r}"
-            )
-        self.renormalize = renormalize if renormalize == "always" else bool(renormalize)
-        self.batch_prioritized = bool(batch_prioritized)
-        self.use_bias = bool(use_bias)
+        self.noisy_gating = check.boolean("noisy_gating", noisy_gating)
+        if not (isinstance(renormalize, str) and renormalize == "always"):
+            try:
+                renormalize = check.boolean("renormalize", renormalize)
+            except ValueError:
+                raise ValueError(
+                    "renormalize must be True, False or 'always'. Received: "
+                    f"renormalize={renormalize!r}"
+                ) from None
+        self.renormalize = renormalize
+        self.batch_prioritized = check.boolean("batch_prioritized", batch_prioritized)
+        self.use_bias = check.boolean("use_bias", use_bias)
         self.input_norm = None if input_norm is None else check.one_of(
             "input_norm", input_norm, INPUT_NORMS
         )
@@ -173,7 +177,9 @@ class TopKRouter(Router):
         self.input_multiplier = check.finite_float(
             "input_multiplier", input_multiplier
         )
-        self.learned_input_scale = bool(learned_input_scale)
+        self.learned_input_scale = check.boolean(
+            "learned_input_scale", learned_input_scale
+        )
         for name, value in (
             ("load_balance_weight", load_balance_weight),
             ("importance_weight", importance_weight),
@@ -188,11 +194,13 @@ class TopKRouter(Router):
                 f"noisy_gating=True. Received: load_weight={load_weight}, "
                 "noisy_gating=False"
             )
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer or default_router_initializer()
+        self.kernel_initializer = check.initializer(
+            "kernel_initializer", kernel_initializer or default_router_initializer()
         )
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.seed = seed
+        self.kernel_regularizer = check.regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.seed = check.seed("seed", seed)
         if self.noisy_gating:
             self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -255,7 +263,7 @@ class TopKRouter(Router):
         clean, noisy, noise_std = self.compute_logits(inputs, training=training)
         logits = clean if noisy is None else noisy
         if self.score_function == "softmax":
-            scores = ops.softmax(logits, axis=-1)
+            scores = softmax(logits, axis=-1)
             probs = scores
         else:
             scores = ops.sigmoid(logits)
@@ -278,8 +286,8 @@ class TopKRouter(Router):
         gates = dispatching.choice_matrix(
             ops.reshape(top, (-1, self.k)), flat_index, e
         )
+        mask = flat_mask(mask)
         if mask is not None:  # padding adds nothing to a loss
-            mask = ops.reshape(ops.cast(mask, "bool"), (-1,))
             gates = ops.where(mask[:, None], gates, ops.zeros_like(gates))
         losses = {
             "load_balance_loss": balancing.load_balancing_loss(

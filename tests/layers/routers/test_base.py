@@ -4,27 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.layers import (
-    BalancedAssignmentRouter,
-    DSelectKRouter,
-    ExpertChoiceRouter,
-    HashRouter,
-    Router,
-    RoutingResult,
-    TaskRouter,
-    TopKRouter,
-)
-
-# class, constructor arguments, assigns_positions, needs_routing_inputs
-ROUTERS = {
-    "TopKRouter": (TopKRouter, dict(num_experts=4, k=2), False, False),
-    "ExpertChoiceRouter": (ExpertChoiceRouter, dict(num_experts=4, k=2), True, False),
-    "BalancedAssignmentRouter": (
-        BalancedAssignmentRouter, dict(num_experts=4), False, False),
-    "DSelectKRouter": (DSelectKRouter, dict(num_experts=4, k=2), False, False),
-    "HashRouter": (HashRouter, dict(num_experts=4, k=2, vocab_size=10), False, True),
-    "TaskRouter": (TaskRouter, dict(num_experts=4, num_tasks=3, k=2), False, True),
-}
+from keras_moe.layers import HashRouter, Router, RoutingResult, TopKRouter
+from tests.conftest import CONTRACT, router_cases
 
 
 class DotRouter(Router):
@@ -37,34 +18,31 @@ class DotRouter(Router):
         return self.linear_logits(tokens)
 
 
-def call_kwargs(needs_ids, n):
-    return {"routing_inputs": np.arange(n, dtype="int32") % 3} if needs_ids else {}
-
-
-@pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_every_router_declares_the_contract(name):
-    cls, kwargs, assigns_positions, needs_ids = ROUTERS[name]
+@pytest.mark.parametrize("case", router_cases(CONTRACT))
+def test_every_router_declares_the_contract(case):
+    cls = case.cls
     assert issubclass(cls, Router)
-    assert cls.assigns_positions is assigns_positions
-    assert cls.needs_routing_inputs is needs_ids
-    # The serialized names of old .keras files.
-    assert keras.saving.get_registered_name(cls) == f"keras_moe>{name}"
-    assert keras.saving.get_registered_object(f"keras_moe>{name}") is cls
-    router = cls(**kwargs)
+    assert cls.assigns_positions is case.assigns_positions
+    assert cls.needs_routing_inputs is case.needs_routing_inputs
+    # Registered under its class name (the names old .keras files load by:
+    # tests/layers/routers/test_old_files.py; never rename one).
+    name = f"keras_moe>{cls.__name__}"
+    assert keras.saving.get_registered_name(cls) == name
+    assert keras.saving.get_registered_object(name) is cls
+    router = case.make(4)
     config = router.get_config()
     assert config["num_experts"] == 4
-    if cls is BalancedAssignmentRouter:  # k is fixed at 1, not an argument
+    if "k" in case.kwargs:
+        assert config["k"] == case.kwargs["k"] == router.k
+    else:  # a router whose k is fixed (BASE: 1) does not take it
         assert "k" not in config and router.k == 1
-    else:
-        assert config["k"] == kwargs["k"]
 
 
-@pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_every_router_returns_a_routing_result(name):
-    cls, kwargs, assigns_positions, needs_ids = ROUTERS[name]
-    router = cls(**kwargs)
+@pytest.mark.parametrize("case", router_cases(CONTRACT))
+def test_every_router_returns_a_routing_result(case):
+    router = case.make(4)
     x = np.random.default_rng(0).normal(size=(6, 8)).astype("float32")
-    routing = router(x, **call_kwargs(needs_ids, 6))
+    routing = router(x, **case.call_kwargs((6,)))
     assert isinstance(routing, RoutingResult)
     assert routing.expert_index is routing["expert_index"]
     k = router.num_choices
@@ -72,31 +50,22 @@ def test_every_router_returns_a_routing_result(name):
     assert keras.backend.standardize_dtype(routing.expert_index.dtype) == "int32"
     assert tuple(routing.combine_weights.shape) == (6, k)
     assert tuple(routing.probs.shape) == (6, 4)
-    assert ("position" in routing and "keep" in routing) is assigns_positions
+    assert ("position" in routing and "keep" in routing) is case.assigns_positions
     # The declared spec is what call returns, key by key.
     spec = router.compute_output_shape(x.shape)
     assert {key: tuple(v.shape) for key, v in routing.items()} == spec
 
 
-@pytest.mark.parametrize("name", sorted(ROUTERS))
-def test_a_functional_model_may_output_the_routing(name):
+@pytest.mark.parametrize("case", router_cases(CONTRACT))
+def test_a_functional_model_may_output_the_routing(case):
     """`RoutingResult` is a node of Keras' nested structures (not a leaf):
     symbolic calls, functional models and their compiled predict step."""
-    cls, kwargs, _, needs_ids = ROUTERS[name]
-    router = cls(**kwargs)
-    x_in = keras.Input((8,))
-    if needs_ids:
-        ids_in = keras.Input((), dtype="int32")
-        symbolic = router(x_in, routing_inputs=ids_in)
-        inputs = [x_in, ids_in]
-    else:
-        symbolic = router(x_in)
-        inputs = x_in
+    router = case.make(4)
+    inputs, symbolic = case.model(router, (8,))
     assert isinstance(symbolic, RoutingResult)
     assert all(isinstance(v, keras.KerasTensor) for v in symbolic.values())
     model = keras.Model(inputs, {"index": symbolic.expert_index, "probs": symbolic.probs})
-    x = np.random.default_rng(0).normal(size=(6, 8)).astype("float32")
-    data = [x, call_kwargs(True, 6)["routing_inputs"]] if needs_ids else x
+    data = case.data(np.random.default_rng(0).normal(size=(6, 8)).astype("float32"))
     got = model.predict(data, verbose=0)
     assert got["index"].shape == (6, router.num_choices)
     whole = keras.Model(inputs, symbolic)
