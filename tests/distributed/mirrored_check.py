@@ -84,10 +84,14 @@ def main():
         for name in ("expert_load", "load_balance_loss"):
             check(np.allclose(stats[name], ref_stats[name], atol=TOL),
                   f"{layer} {name} {stats[name]} vs {ref_stats[name]}")
-    # The selection bias (non-trainable routing state) moved, as on one device.
+    # The selection bias (non-trainable routing state) equals one device's.
+    # Its sign steps of +-rate can cancel exactly after an even number of
+    # steps (here 4: after base2's pipeline it is back at 0 on both), so this
+    # check does not ask it to have moved; tests/distributed/
+    # test_multiprocess.py checks a bias that moved, over 2 processes.
     bias = model.get_layer("moe").router.selection_bias.numpy()
     ref_bias = reference.get_layer("moe").router.selection_bias.numpy()
-    check(np.any(ref_bias != 0) and np.allclose(bias, ref_bias, atol=TOL),
+    check(np.allclose(bias, ref_bias, atol=TOL),
           f"selection bias {bias} vs {ref_bias}")
     print("OK")
 
