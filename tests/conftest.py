@@ -47,10 +47,15 @@ xla_only = pytest.mark.skipif(
 
 
 # The longest tests (the example scripts run as subprocesses, loading a file
-# under the other backends, 8-device expert parallelism: 30-80 s each) are
-# scheduled first, so that the xdist workers do not end with one of them
-# running alone while the other worker is idle.
-RUN_FIRST = ("test_examples.py", "test_cross_backend.py", "test_distribution.py")
+# under the other backends, 8-device expert parallelism, 2-process training:
+# 20-80 s each) are scheduled first, so that the xdist workers do not end
+# with one of them running alone while the other worker is idle.
+RUN_FIRST = (
+    "test_examples.py",
+    "test_cross_backend.py",
+    "test_distribution.py",
+    "test_multiprocess.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

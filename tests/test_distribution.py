@@ -1,6 +1,8 @@
 """Expert parallelism (JAX, keras.distribution) and data parallelism (TF,
-MirroredStrategy). The multi-device checks run in a fresh process because
-the device count is fixed when the backend starts."""
+MirroredStrategy) on several devices of one process, and the multi-process
+helpers on one process. The multi-device checks run in a fresh process
+because the device count is fixed when the backend starts; the real
+multi-process runs are tests/distributed/test_multiprocess.py."""
 
 import os
 import subprocess
@@ -64,3 +66,53 @@ def test_expert_parallel_layouts():
         expert_parallel((2, 4))
     solo = keras.distribution.DeviceMesh((1,), ("expert",), devices)
     assert expert_parallel(solo).batch_dim_name == "expert"
+    assert expert_parallel(solo, auto_shard_dataset=False).auto_shard_dataset is False
+
+
+# -- multi-process helpers, on one process (the 2-process runs are in
+# tests/distributed/test_multiprocess.py) ---------------------------------
+
+
+def test_save_model_on_one_process(tmp_path):
+    """One process is process 0: `save_model` writes the file under a
+    temporary name and renames it (nothing else is left), and it loads."""
+    import numpy as np
+
+    from keras_moe.distribution import process_index, save_model
+
+    assert process_index() == 0
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    path = tmp_path / "model.keras"
+    assert save_model(model, path) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras"]
+    loaded = keras.models.load_model(path)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    with pytest.raises(ValueError, match="filepath must end in '.keras'"):
+        save_model(model, tmp_path / "model.h5")
+
+
+def test_torch_data_parallel_refuses_without_a_process_group():
+    """Outside a `torch.distributed` run (or off torch) the callback says
+    what it needs instead of training silently on one process."""
+    from keras_moe.distribution import TorchDataParallel
+
+    callback = TorchDataParallel()
+    callback.set_model(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="TorchDataParallel needs"):
+        callback.on_train_begin()
+
+
+def test_cross_replica_sum_is_the_identity_on_one_process():
+    import numpy as np
+
+    from keras_moe.utils import replicas
+
+    x = keras.ops.convert_to_tensor(np.arange(3.0, dtype="float32"))
+    with replicas.synchronized():
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(replicas.cross_replica_sum(x)), [0.0, 1.0, 2.0]
+        )

@@ -31,6 +31,7 @@ from keras_moe.layers.experts import per_expert_initializer
 from keras_moe.layers.routers import TopKRouter
 from keras_moe.ops import balancing, pipeline, planning
 from keras_moe.ops import dispatching as dispatch_ops
+from keras_moe.utils import replicas
 from keras_moe.utils import validation as check
 
 
@@ -306,7 +307,8 @@ class MultiGateMoE(LoraBanks, keras.layers.Layer):
             dispatch_ops.dense_gates(plan, weights), (num_tokens, t_count, e)
         )
         gates = ops.transpose(gates, (1, 0, 2))  # (T, N, E), kept pairs only
-        usage = normalize_rows(ops.sum(gates, axis=1))
+        # Over the global batch under data parallelism (keras_moe.utils.replicas).
+        usage = normalize_rows(replicas.cross_replica_sum(ops.sum(gates, axis=1)))
         probs = ops.stack([r["probs"] for r in routings])
         stats = pipeline.routing_statistics(plan, selected, probs, valid)
 

@@ -8,6 +8,7 @@ logged or tested.
 from keras import ops
 
 from keras_moe.ops import selection
+from keras_moe.utils import replicas
 from keras_moe.utils.tensors import flat_mask
 
 
@@ -24,17 +25,24 @@ def masked_mean(values, mask=None):
     of `mask` `(N,)` only (all of them for `None`; 0 if there is none).
 
     A dropped token's row is replaced by zeros before the sum, never
-    multiplied by 0: a NaN in a padded or masked token stays out.
+    multiplied by 0: a NaN in a padded or masked token stays out. Under data
+    parallelism the sum and the count are those of all replicas
+    (`keras_moe.utils.replicas`): the mean of the global batch.
     """
     values = ops.convert_to_tensor(values)
     weights = token_weights(mask)
-    if weights is None:  # an empty batch gives 0, not NaN
-        count = ops.maximum(ops.shape(values)[0], 1)
-        return ops.sum(values, axis=0) / ops.cast(count, values.dtype)
-    shape = (-1,) + (1,) * (len(values.shape) - 1)
-    keep = ops.reshape(weights > 0, shape)
-    total = ops.sum(ops.where(keep, values, ops.zeros_like(values)), axis=0)
-    return total / ops.cast(ops.maximum(ops.sum(weights), 1.0), values.dtype)
+    if weights is None:
+        total = ops.sum(values, axis=0)
+        count = ops.cast(ops.shape(values)[0], values.dtype)
+    else:
+        shape = (-1,) + (1,) * (len(values.shape) - 1)
+        keep = ops.reshape(weights > 0, shape)
+        total = ops.sum(ops.where(keep, values, ops.zeros_like(values)), axis=0)
+        count = ops.cast(ops.sum(weights), values.dtype)
+    # Under data parallelism, sums over the replicas: the global batch's mean.
+    total = replicas.cross_replica_sum(total)
+    count = replicas.cross_replica_sum(count)
+    return total / ops.maximum(count, 1.0)  # an empty batch gives 0, not NaN
 
 
 def mean_entropy(probs, mask=None):

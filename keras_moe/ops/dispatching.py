@@ -23,6 +23,8 @@ from fractions import Fraction
 import keras
 from keras import ops
 
+from keras_moe.utils import replicas
+
 
 def compute_capacity(num_tokens, num_experts, k, capacity_factor):
     """Expert capacity `C = min(N, ceil(k * N / E * capacity_factor))`.
@@ -410,7 +412,8 @@ def dense_gates(plan, combine_weights):
 
 def expert_counts(plan, selected=None):
     """Tokens routed to each expert before (`routed`) and after (`kept`) the
-    capacity cut, both `(E,)` float32.
+    capacity cut, both `(E,)` float32, over the global batch under data
+    parallelism (`keras_moe.utils.replicas`).
 
     `selected` `(N, k)` bool marks the pairs a router that places tokens
     itself actually chose (e.g. expert choice); by default every pair counts.
@@ -422,4 +425,5 @@ def expert_counts(plan, selected=None):
     kept = ops.sum(
         one_hot * ops.cast(plan["keep"], one_hot.dtype)[..., None], axis=(0, 1)
     )
-    return routed, kept
+    # Under data parallelism, the counts of the global batch.
+    return replicas.cross_replica_sum(routed), replicas.cross_replica_sum(kept)

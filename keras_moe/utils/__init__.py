@@ -10,4 +10,7 @@ them without importing each other sideways or upwards:
   there is no public one.
 - `layouts`: the current distribution's layout of a layer's tensors.
 - `tensors`: small tensor helpers (`concrete_values`).
+- `replicas`: sums over data-parallel replicas, so that the routing
+  statistics, balancing losses and routing state are the global batch's
+  (the one module here that imports a backend, lazily, for its collective).
 """

@@ -214,3 +214,14 @@ def register_tree_node_class(cls):
         keras_tree.register_tree_node_class(cls)
     except ValueError:  # already registered
         pass
+
+
+def swap_value(variable, value):
+    """Replaces the array a JAX-backend `variable` holds by `value` as is
+    (same shape and dtype, any sharding) and returns the old one.
+    `Variable._value`: `assign` re-applies the variable's layout, and
+    `keras_moe.distribution.save_model` needs the gathered, replicated copy
+    of an expert-sharded weight in its place while `model.save` reads it."""
+    old = variable._value
+    variable._value = value
+    return old
