@@ -42,11 +42,8 @@ On several hosts, run it once per host with the coordinator's real address
 """
 
 import argparse
-import json
 import os
-import re
 import sys
-import time
 
 parser = argparse.ArgumentParser(description="Multi-process MoE training with JAX")
 parser.add_argument("--num-processes", type=int, default=1)
@@ -83,8 +80,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_moe.callbacks import RoutingMetrics  # noqa: E402
-from keras_moe.distribution import expert_parallel, save_model  # noqa: E402
-from keras_moe.layers import MultiGateMoE, SparseMoE, TopKRouter  # noqa: E402
+from keras_moe.distribution import expert_parallel  # noqa: E402
+
+from _common import Checkpoint, load_or_build  # noqa: E402 (after the engine's set-up)
 
 # Every process must create the same initial weights.
 keras.utils.set_random_seed(args.seed)
@@ -149,33 +147,8 @@ task heads. No dropout: the processes must compute the same function as
 one process would.
 """
 
-
-def build_model():
-    inputs = keras.Input((28, 28), name="image")
-    x = keras.layers.Dense(16, name="embed")(inputs)
-    router = TopKRouter(4, k=2, bias_update_rate=0.01, load_balance_weight=0.01)
-    x = x + SparseMoE(4, 32, router=router, capacity_factor=None, name="moe")(x)
-    x = keras.layers.GlobalAveragePooling1D()(x)
-    digit, odd = MultiGateMoE(num_tasks=2, num_experts=4, hidden_dim=32, k=2,
-                              capacity_factor=None, name="mmoe")(x)
-    model = keras.Model(inputs, {
-        "digit": keras.layers.Dense(10, activation="softmax", name="digit")(digit),
-        "odd": keras.layers.Dense(1, activation="sigmoid", name="odd")(odd),
-    })
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss={"digit": "sparse_categorical_crossentropy",
-                        "odd": "binary_crossentropy"})
-    return model
-
-
-initial_epoch = 0
-if args.resume:
-    # Loaded inside the distribution: the weights are laid out (sharded) anew.
-    model = keras.models.load_model(args.resume)
-    match = re.search(r"epoch-(\d+)", os.path.basename(args.resume))
-    initial_epoch = int(match.group(1)) if match else 0
-else:
-    model = build_model()
+# Loaded inside the distribution: the weights are laid out (sharded) anew.
+model, initial_epoch = load_or_build(args.resume)  # _common.py
 
 """
 ## Checkpoints and logs
@@ -184,31 +157,8 @@ After every epoch all processes call `save_model`: it gathers the expert
 shards, and process 0 writes `epoch-NNN.keras` (under a temporary name,
 then renamed: a crash never leaves half a file). Process 0 also appends the
 epoch's logs, with `RoutingMetrics`' routing statistics, to `history.jsonl`.
+(`Checkpoint` in `_common.py`, the same for the three engines.)
 """
-
-
-class Checkpoint(keras.callbacks.Callback):
-    def on_train_batch_begin(self, batch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self.start)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.times = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        path = os.path.join(args.output_dir, f"epoch-{epoch + 1:03d}.keras")
-        save_model(self.model, path)
-        if chief:
-            record = {"epoch": epoch + 1, "processes": args.num_processes,
-                      "step_time": float(np.median(self.times[1:] or self.times)),
-                      "logs": {k: float(v) for k, v in logs.items()}}
-            with open(os.path.join(args.output_dir, "history.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1}: loss {logs['loss']:.4f}, moe balance loss "
-                  f"{logs['moe_balance_loss']:.4f}, median step "
-                  f"{1000 * record['step_time']:.1f} ms -> {path}", flush=True)
 
 
 """
@@ -226,7 +176,7 @@ if chief:
 try:
     model.fit(x_local, y_local, batch_size=local_batch, epochs=args.epochs,
               initial_epoch=initial_epoch, shuffle=False, verbose=0,
-              callbacks=[RoutingMetrics(), Checkpoint()])
+              callbacks=[RoutingMetrics(), Checkpoint(args.output_dir, args.num_processes, chief)])
 except Exception as error:  # a peer died or the mesh broke
     print(f"process {args.process_id}: training failed: "
           f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
