@@ -116,3 +116,24 @@ def test_cross_replica_sum_is_the_identity_on_one_process():
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(replicas.cross_replica_sum(x)), [0.0, 1.0, 2.0]
         )
+
+
+@jax_only
+def test_communication_model_matches_the_compiled_program():
+    """The bytes per device of expert parallelism written down in
+    benchmarks/distributed/communication.py (docs/distribution.md) equal
+    the collectives of the compiled JAX training step at 2 and 8 simulated
+    devices, for top-1 and top-2, with a capacity (which must not enter)."""
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    script = os.path.join(ROOT, "benchmarks", "distributed", "communication.py")
+    result = subprocess.run(
+        [sys.executable, script, "--check", "--devices", "2,8", "--k", "1,2",
+         "--tokens", "256", "--dim", "16", "--hidden", "32", "--experts", "8",
+         "--capacity-factor", "1.25"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output
+    ratios = [float(line.rsplit("ratio=", 1)[1]) for line in result.stdout.splitlines()
+              if line.startswith("RESULT")]
+    assert len(ratios) == 4 and all(abs(r - 1) < 1e-3 for r in ratios), output
