@@ -98,6 +98,13 @@ def router_z_loss(logits, mask=None):
     return masked_mean(ops.square(z), mask)
 
 
+def token_sum(values):
+    """Sum over the leading (token) axis of `values` `(N, ...)`, over every
+    data-parallel replica (`keras_moe.utils.replicas`): the global batch's
+    per-expert importance or load, which `cv_squared` then compares."""
+    return replicas.cross_replica_sum(ops.sum(values, axis=0))
+
+
 def cv_squared(values):
     """Squared coefficient of variation `var(v) / mean(v)^2` of a vector.
 
@@ -124,7 +131,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k, mask=None):
         mask: optional `(N,)` bool: the tokens that count.
 
     Returns:
-        `(E,)` float32.
+        `(E,)` float32, summed over the data-parallel replicas.
 
     References:
         Shazeer et al. Outrageously Large Neural Networks (2017), app. A.
@@ -139,7 +146,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k, mask=None):
         ones = ops.ones_like(clean_logits, dtype="float32")
         if keep is not None:
             ones = ops.where(keep, ones, 0.0)
-        return ops.sum(ones, axis=0)
+        return token_sum(ones)
     top, _ = selection.top_k(noisy_logits, k + 1)
     kth = top[:, k - 1 : k]  # k-th largest: threshold for experts outside
     next_ = top[:, k : k + 1]  # (k+1)-th: threshold for experts inside
@@ -149,7 +156,7 @@ def noisy_top_k_load(clean_logits, noisy_logits, noise_std, k, mask=None):
     prob_in = ops.cast(0.5 * (1.0 + ops.erf(z / 2.0**0.5)), "float32")
     if keep is not None:
         prob_in = ops.where(keep, prob_in, ops.zeros_like(prob_in))
-    return ops.sum(prob_in, axis=0)
+    return token_sum(prob_in)
 
 
 def _group_matrix(groups, num_groups, mask=None):

@@ -35,8 +35,10 @@ def build():
     inputs = keras.Input((6, 8))
     # Dropless: a finite capacity would cut at each replica's half of the
     # tokens. The Switch loss and the auxiliary-loss-free bias are computed
-    # over the global batch (the replicas' sums), as on one device.
-    router = TopKRouter(4, k=2, bias_update_rate=0.01, load_balance_weight=0.01)
+    # over the global batch (the replicas' sums), as on one device; so is
+    # the importance loss (its CV^2 of the global per-expert gate sums).
+    router = TopKRouter(4, k=2, bias_update_rate=0.01, load_balance_weight=0.01,
+                        importance_weight=0.01)
     h = SparseMoE(4, 16, router=router, capacity_factor=None,
                   eval_capacity_factor=None, name="moe")(inputs)
     h = keras.layers.GlobalAveragePooling1D()(h)

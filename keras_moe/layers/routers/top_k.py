@@ -359,7 +359,7 @@ class TopKRouter(Router):
             "load_balance_loss": balancing.load_balancing_loss(
                 flat_probs, flat_index, e, mask=mask
             ),
-            "importance_loss": balancing.cv_squared(ops.sum(gates, axis=0)),
+            "importance_loss": balancing.cv_squared(balancing.token_sum(gates)),
             "z_loss": balancing.router_z_loss(
                 ops.reshape(logits, (-1, e)), mask=mask
             ),
