@@ -92,9 +92,13 @@ class UncertaintyWeighting(TaskWeighting):
         return ops.exp(-ops.convert_to_tensor(self.log_variance))
 
     def call(self, task_losses, training=None):
+        return self.weighted_total(task_losses, training=training)[0]
+
+    def weighted_total(self, task_losses, training=None):
         task_losses = ops.cast(task_losses, "float32")
         s = ops.convert_to_tensor(self.log_variance)
-        return ops.sum(ops.exp(-s) * task_losses + s)
+        weights = ops.exp(-s)
+        return ops.sum(weights * task_losses + s), ops.stop_gradient(weights)
 
     def get_config(self):
         config = super().get_config()
