@@ -55,19 +55,22 @@ def train_step(model, x, y):
     float(np.sum(np.asarray(model.train_on_batch(x, y), dtype="float64")))
 
 
-def interleaved_times(models, x, y, warmup, reps):
+def interleaved_times(models, x, y, warmup, reps, steps=1):
     """Seconds of `reps` train steps of each model, measured side by side:
     the models take turns rep by rep, and each timed step follows an
     untimed step of the same model (so caches hold that model's data).
-    The first `warmup` rounds (compilation) are not kept."""
+    The first `warmup` rounds (compilation) are not kept. `steps > 1`
+    times that many consecutive steps per rep (the mean step), which
+    averages out the jitter of one short step."""
     times = {name: [] for name in models}
     for rep in range(warmup + reps):
         for name, model in models.items():
             train_step(model, x, y)
             start = time.perf_counter()
-            train_step(model, x, y)
+            for _ in range(steps):
+                train_step(model, x, y)
             if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / steps)
     return times
 
 

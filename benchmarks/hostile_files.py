@@ -10,7 +10,9 @@ to attack whoever loads the file) can put any value in any argument. Issue
 loading an edited file either succeeds or fails within 5 s and 500 MB,
 with an error that names the argument.
 
-This runner builds a small model of every keras_moe layer family, saves
+This runner builds a small model of every keras_moe layer family (and a
+tiny `MultiTaskModel` per task weighting, whose `task_weighting` and
+weighting arguments, floats and strings included, are edited too), saves
 it, writes one edited copy per (argument, hostile value) and loads each in
 a fresh process under each backend, reporting the wall time of the load,
 the peak memory of the process above that of loading the unedited file,
@@ -42,6 +44,21 @@ HOSTILE_INTS = (10**6, 10**9, 10**12, -1, 2.5, "abc", None)
 # Values written over a boolean argument: each used to switch the feature
 # on ("False", "no" and 2 are truthy) or off (None, 0).
 HOSTILE_BOOLS = ("False", "no", 2, None)
+# Values written over a float or string argument of a task weighting
+# (issue 35): not finite, negative, absurdly large, of the wrong type.
+HOSTILE_FLOATS = (float("nan"), float("inf"), -1.0, 1e300, "abc", None)
+HOSTILE_STRINGS = ("no_such_value", "", 3, None)
+# Values written over `MultiTaskModel(task_weighting=...)`: an unknown name,
+# a wrong type, a config of an unknown class and one of a layer that is not
+# a weighting.
+HOSTILE_WEIGHTINGS = (
+    "no_such_method", 3, ["fixed"],
+    {"class_name": "NoSuchWeighting", "config": {}, "module": "keras_moe.weighting"},
+    {"class_name": "Dense", "config": {"units": 2}, "module": "keras.layers"},
+)
+# Float and string arguments are swept only in these modules (the task
+# weightings); the layers' are not (yet).
+SWEEP_ALL_TYPES = ("keras_moe.weighting",)
 # Arguments whose integer value is not a size (ignored by the sweep).
 NOT_SIZES = {"verbose"}
 
@@ -100,6 +117,33 @@ def build_models():
             keras.layers.Concatenate()([b, d, f, mixed])),
     }
     models["multitask"] = keras.Model(x, heads)
+    models.update(weighting_models())
+    return models
+
+
+def weighting_models():
+    """One tiny `MultiTaskModel` per task weighting (issue 35), with a
+    seed where the weighting takes one; name -> model. The sweep edits the
+    model-level arguments of the first only (`weighting_fixed`) and the
+    weighting's arguments of every one."""
+    import inspect
+
+    import keras
+
+    from keras_moe import weighting as weighting_lib
+    from keras_moe.models import MultiTaskModel
+
+    models = {}
+    classes = sorted(set(weighting_lib.REGISTRY.values()), key=lambda c: c.registered_name)
+    for cls in classes:
+        arguments = inspect.signature(cls.__init__).parameters
+        weighting = cls(seed=1) if "seed" in arguments else cls()
+        x = keras.Input((4,), name="x")
+        h = keras.layers.Dense(4, name="trunk")(x)
+        outputs = {t: keras.layers.Dense(1, name=t)(h) for t in ("a", "b")}
+        models[f"weighting_{cls.registered_name}"] = MultiTaskModel(
+            x, outputs, task_weighting=weighting
+        )
     return models
 
 
@@ -119,12 +163,12 @@ def _is_ours(layer_config):
 
 
 def _walk(node, path=()):
-    """Yields `(path, key, value)` for each argument of each keras_moe
-    object's config in the nested config `node`."""
+    """Yields `(path, key, value, module)` for each argument of each
+    keras_moe object's config in the nested config `node`."""
     if isinstance(node, dict):
         if _is_ours(node) and isinstance(node.get("config"), dict):
             for key, value in node["config"].items():
-                yield path + ("config",), key, value
+                yield path + ("config",), key, value, node["module"]
         for key, value in node.items():
             yield from _walk(value, path + (key,))
     elif isinstance(node, list):
@@ -132,19 +176,30 @@ def _walk(node, path=()):
             yield from _walk(value, path + (i,))
 
 
-def edits(config, values=None):
+def edits(config, values=None, weighting_only=False):
     """The edits of a model config: `(path, key, value)` for every integer
-    and boolean argument of our layers and each hostile value (or each of
-    `values`, if given)."""
+    and boolean argument of our layers, every float and string argument of
+    a task weighting, `MultiTaskModel`'s `task_weighting`, and each hostile
+    value (or each of `values`, if given). `weighting_only`: only the
+    arguments inside `task_weighting`."""
     seen = set()
-    for path, key, value in _walk(config):
+    for path, key, value, module in _walk(config):
         if key in NOT_SIZES or (path, key) in seen:
             continue
+        if weighting_only and "task_weighting" not in path:
+            continue
         seen.add((path, key))
-        if isinstance(value, bool):
+        all_types = module.startswith(SWEEP_ALL_TYPES)
+        if key == "task_weighting" and module == "keras_moe.models":
+            hostile_values = HOSTILE_WEIGHTINGS
+        elif isinstance(value, bool):
             hostile_values = HOSTILE_BOOLS
         elif isinstance(value, int):
             hostile_values = HOSTILE_INTS
+        elif isinstance(value, float) and all_types:
+            hostile_values = HOSTILE_FLOATS
+        elif isinstance(value, str) and all_types and key != "name":
+            hostile_values = HOSTILE_STRINGS
         else:
             continue
         for hostile in values or hostile_values:
@@ -198,7 +253,9 @@ def sweep(directory, only=None):
         clean[name] = min(load(source)[0] for _ in range(3))
     before = peak_rss_mb()
     for name, source in paths.items():
-        for n, (path, key, value) in enumerate(edits(read_config(source))):
+        weighting_only = name.startswith("weighting_") and name != "weighting_fixed"
+        config = read_config(source)
+        for n, (path, key, value) in enumerate(edits(config, weighting_only=weighting_only)):
             if only and key not in only:
                 continue
             target = os.path.join(directory, f"{name}_{n}.keras")
@@ -266,7 +323,8 @@ def main(argv=None):
             for name in files:
                 source = os.path.join(directory, name)
                 config = read_config(source)
-                for path, key, value in edits(config, values):
+                weighting_only = name.startswith("weighting_") and name != "weighting_fixed.keras"
+                for path, key, value in edits(config, values, weighting_only):
                     if only is None or key in only:
                         cases.append((_layer_name(config, path), name, path, key, value))
             for n, (layer, name, path, key, value) in enumerate(cases):

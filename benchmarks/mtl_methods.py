@@ -483,7 +483,8 @@ def run_timing(args):
                 )
                 model.compile(keras.optimizers.Adam(bench.learning_rate), loss=bench.losses())
                 times = harness.interleaved_times(
-                    {"plain": plain, "method": model}, xb, yb, warmup=2, reps=args.reps
+                    {"plain": plain, "method": model}, xb, yb, warmup=2, reps=args.reps,
+                    steps=args.steps_per_rep,
                 )
                 ratio = harness.median_ratio(times, "method", "plain")
                 print(f"| {name} | {weighting} | {mode} | {ratio:.2f} |", flush=True)
@@ -609,6 +610,9 @@ def parse_args(argv=None):
     parser.add_argument("--timing", action="store_true",
                         help="measure the cost per step instead of training")
     parser.add_argument("--reps", type=int, default=7, help="timing reps (>= 5)")
+    parser.add_argument("--steps-per-rep", type=int, default=1,
+                        help="timing: consecutive steps timed per rep (their mean "
+                             "step; more averages out the jitter of short steps)")
     parser.add_argument("--from-log", default=None,
                         help="read RESULT lines from this file instead of training")
     parser.add_argument("--plot", default=None, help="save the Pareto plot here (PNG)")

@@ -393,9 +393,9 @@ class MultiTaskModel(keras.Model):
             objectives = weighting.task_objectives(task_losses)
             recorder.objective_list = [objectives[t] for t in range(len(per_task))]
             total = ops.sum(objectives)
+            weights = weighting.current_weights()
         else:
-            total = weighting(task_losses, training=training)
-        weights = weighting.current_weights()
+            total, weights = weighting.weighted_total(task_losses, training=training)
         self._task_weight_log.update_state(
             ops.stop_gradient(weights * recorder.constant_weights())
         )

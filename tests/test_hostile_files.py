@@ -10,6 +10,11 @@ over booleans. Before issue 32, `HashRouter(vocab_size=10**8)`,
 s and 1.3-2.4 GB before failing, and `SoftMoE(slots_per_expert=10**12)`
 aborted the process on JAX.
 
+Issue 35 adds one small `MultiTaskModel` per task weighting: its
+`task_weighting` (unknown names, wrong types, configs of unknown classes)
+and every argument of every weighting (floats and strings too: NaN, inf,
+-1, 1e300, "abc", None) are edited as well.
+
 The sweep runs in a fresh process (its peak memory is the sweep's, not the
 test session's). Each edit must either load, or raise an error naming the
 argument, or, for an edit that stays within the argument's range (e.g. a
@@ -50,6 +55,28 @@ def run_sweep(directory):
     return json.loads(lines[0][len("SWEEP "):])
 
 
+def weighting_problems(rows):
+    """Issue 35: the task weightings' arguments (and `task_weighting`
+    itself, with unknown names, wrong types, unknown classes) either load
+    or fail with an error whose innermost message (Keras wraps the
+    constructor's error in its own context, which lists every key of the
+    config) says `<argument>=<value>`."""
+    weighting_rows = [row for row in rows if row["model"].startswith("weighting_")]
+    kinds = {row["argument"] for row in weighting_rows}
+    problems = [f"weighting argument never edited: {name}" for name in (
+        "task_weighting", "temperature", "c_alpha", "rescale", "distribution",
+        "normalization", "initial_log_variance", "seed", "num_parameters")
+        if name not in kinds]
+    for row in weighting_rows:
+        if row["error"] is None:
+            continue
+        innermost = row["error"][1].rsplit("Exception encountered: ", 1)[-1]
+        if f"{row['argument']}=" not in innermost:
+            problems.append(f"{row['model']}: {row['argument']}={row['value']}: "
+                            f"{innermost[:300]}")
+    return problems
+
+
 def test_edited_files_load_or_fail_fast_naming_the_argument(tmp_path):
     result = run_sweep(tmp_path)
     rows = result["rows"]
@@ -67,6 +94,7 @@ def test_edited_files_load_or_fail_fast_naming_the_argument(tmp_path):
             continue
         if row["value"] in ALWAYS_REFUSED or "could not be loaded" not in message:
             problems.append(f"{case}: {kind} does not name the argument: {message[:300]}")
+    problems += weighting_problems(rows)
     assert not problems, "\n".join(problems)
     grown = result["after"] - result["before"]
     assert grown <= 500, f"the sweep's peak memory grew by {grown:.0f} MB"

@@ -79,7 +79,16 @@ def get(identifier):
     if isinstance(identifier, TaskWeighting):
         return identifier
     if isinstance(identifier, dict):
-        weighting = keras.saving.deserialize_keras_object(identifier)
+        try:
+            weighting = keras.saving.deserialize_keras_object(identifier)
+        except Exception as error:  # noqa: BLE001 - unknown class, bad argument
+            # Keras wraps a constructor's error in layers of context; the
+            # innermost one names the argument.
+            cause = str(error).rsplit("Exception encountered: ", 1)[-1]
+            raise ValueError(
+                f"task_weighting could not be deserialized: {cause} "
+                f"Received: task_weighting={identifier!r}"
+            ) from error
         if isinstance(weighting, TaskWeighting):
             return weighting
     if isinstance(identifier, str):

@@ -112,6 +112,14 @@ class TaskWeighting(keras.layers.Layer):
         task_losses = ops.cast(task_losses, "float32")
         return ops.sum(self.current_weights() * task_losses)
 
+    def weighted_total(self, task_losses, training=None):
+        """`(total, weights)`: the total loss of the step and the factor of
+        each task loss in it, which `MultiTaskModel` logs every step. The
+        default calls the layer, then `current_weights()`; a weighting
+        that computes its weights in `call` overrides it to return them
+        instead of computing (or reading) them a second time."""
+        return self(task_losses, training=training), self.current_weights()
+
     def end_epoch(self):
         """Called by `MultiTaskModel.fit` after every epoch (epoch-based
         weightings only)."""

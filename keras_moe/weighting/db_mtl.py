@@ -83,12 +83,43 @@ class DBMTL(GradientWeighting):
         if self.num_parameters is not None:
             self.buffer = self._state("buffer", (self.num_tasks, self.num_parameters))
 
+    def build_from_config(self, config):
+        # On load, `MultiTaskModel` builds it once the shared parameters are
+        # known (`build_gradient_state` compares their number first, so an
+        # edited `num_parameters` fails before allocating its buffer).
+        # Keras marks a deserialized layer built whatever this does; the
+        # flag below lets `build_gradient_state` undo that.
+        if self.num_parameters is None:
+            super().build_from_config(config)
+        else:
+            self._build_deferred = True
+
     def build_gradient_state(self, num_parameters):
         if num_parameters is None:
             raise ValueError(
                 "DB-MTL keeps a moving average of the full task gradients "
                 "and has no representation mode: use it without "
                 "MultiTaskModel(representation=...)."
+            )
+        if self.num_parameters is not None and num_parameters != self.num_parameters:
+            # Checked before the `(T, P)` buffer exists: an edited file
+            # fails here instead of allocating a buffer of its size.
+            raise ValueError(
+                "This DBMTL was made for another model. Received: "
+                f"num_parameters={self.num_parameters!r}, the model has "
+                f"{num_parameters} shared parameters"
+            )
+        if getattr(self, "_build_deferred", False):
+            self._build_deferred = False
+            self.built = False  # the model builds it now
+        if self.built and self.buffer is None:
+            # Built (e.g. by `from_config`) without a size: the buffer
+            # cannot be added any more, so the saved state would not load.
+            raise ValueError(
+                "This DBMTL was built without the number of shared "
+                "parameters, so it has no gradient buffer. Received: "
+                f"num_parameters={self.num_parameters!r}, the model has "
+                f"{num_parameters}"
             )
         super().build_gradient_state(num_parameters)
 

@@ -63,19 +63,25 @@ class DWA(TaskWeighting):
         self.epochs = self._state("epochs", ())
 
     def current_weights(self):
+        return self._weights(ops.convert_to_tensor(self.epochs))
+
+    def _weights(self, epochs):
         history = ops.convert_to_tensor(self.history)
         ratio = history[1] / ops.maximum(history[0], _EPSILON)
         weights = self.num_tasks * ops.softmax(ratio / self.temperature)
-        ready = ops.convert_to_tensor(self.epochs) >= 2.0
+        ready = epochs >= 2.0
         return ops.where(ready, weights, ops.ones_like(weights))
 
     def call(self, task_losses, training=None):
+        return self.weighted_total(task_losses, training=training)[0]
+
+    def weighted_total(self, task_losses, training=None):
         task_losses = ops.cast(task_losses, "float32")
         weights = self.current_weights()
         if training:
             self.loss_sum.assign_add(ops.stop_gradient(task_losses))
             self.steps.assign_add(1.0)
-        return ops.sum(weights * task_losses)
+        return ops.sum(weights * task_losses), weights
 
     def end_epoch(self):
         """Moves the mean losses of the epoch into `history`."""

@@ -43,9 +43,13 @@ class GLS(TaskWeighting):
         return ops.convert_to_tensor(self.last_weights)
 
     def call(self, task_losses, training=None):
+        return self.weighted_total(task_losses, training=training)[0]
+
+    def weighted_total(self, task_losses, training=None):
         losses = ops.maximum(ops.cast(task_losses, "float32"), _EPSILON)
         total = ops.exp(ops.mean(ops.log(losses)))
-        if training:
-            weights = total / (self.num_tasks * losses)
-            self.last_weights.assign(ops.stop_gradient(weights))
-        return total
+        if not training:
+            return total, self.current_weights()
+        weights = ops.stop_gradient(total / (self.num_tasks * losses))
+        self.last_weights.assign(weights)
+        return total, weights

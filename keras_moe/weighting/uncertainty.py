@@ -7,6 +7,22 @@ from keras_moe.utils import validation as check
 from keras_moe.weighting.base import TaskWeighting, register
 
 
+# |s| beyond this makes exp(-s) 0 or infinite in float32 (it overflows at
+# about 88.7).
+MAX_LOG_VARIANCE = 80.0
+
+
+def _log_variance(value):
+    value = check.finite_float("initial_log_variance", value)
+    if abs(value) > MAX_LOG_VARIANCE:
+        raise ValueError(
+            f"initial_log_variance must be in [-{MAX_LOG_VARIANCE:g}, "
+            f"{MAX_LOG_VARIANCE:g}] (exp(-s) must be finite in float32). "
+            f"Received: initial_log_variance={value!r}"
+        )
+    return value
+
+
 @register("uncertainty")
 @keras.saving.register_keras_serializable(package="keras_moe")
 class UncertaintyWeighting(TaskWeighting):
@@ -29,8 +45,8 @@ class UncertaintyWeighting(TaskWeighting):
     collapsing to 0.
 
     Args:
-        initial_log_variance: starting `s_t`, one number for all tasks or
-            a list of one per task (default 0: weight 1).
+        initial_log_variance: starting `s_t` in [-80, 80], one number for
+            all tasks or a list of one per task (default 0: weight 1).
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -56,14 +72,9 @@ class UncertaintyWeighting(TaskWeighting):
     def __init__(self, initial_log_variance=0.0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(initial_log_variance, (list, tuple)):
-            initial_log_variance = [
-                check.finite_float("initial_log_variance", v)
-                for v in initial_log_variance
-            ]
+            initial_log_variance = [_log_variance(v) for v in initial_log_variance]
         else:
-            initial_log_variance = check.finite_float(
-                "initial_log_variance", initial_log_variance
-            )
+            initial_log_variance = _log_variance(initial_log_variance)
         self.initial_log_variance = initial_log_variance
 
     def build(self, input_shape):
@@ -81,9 +92,13 @@ class UncertaintyWeighting(TaskWeighting):
         return ops.exp(-ops.convert_to_tensor(self.log_variance))
 
     def call(self, task_losses, training=None):
+        return self.weighted_total(task_losses, training=training)[0]
+
+    def weighted_total(self, task_losses, training=None):
         task_losses = ops.cast(task_losses, "float32")
         s = ops.convert_to_tensor(self.log_variance)
-        return ops.sum(ops.exp(-s) * task_losses + s)
+        weights = ops.exp(-s)
+        return ops.sum(weights * task_losses + s), ops.stop_gradient(weights)
 
     def get_config(self):
         config = super().get_config()
