@@ -246,6 +246,12 @@ def _custom_gradient(forward, backward):
     @ops.custom_gradient
     def function(*xs):
         y, residuals = forward(*xs)
+        # The rule keeps the output's shape, never the output: on torch the
+        # rule is stored in the autograd node that produced `y`, and a rule
+        # holding `y` would make a reference cycle through that node, which
+        # Python's garbage collector cannot see: every training step's graph
+        # would stay in memory (about 100 MB a step in the text example).
+        y_shape = ops.shape(y)
 
         def grad(*args, upstream=None):
             # The output gradient is positional on TensorFlow and JAX, and
@@ -253,7 +259,7 @@ def _custom_gradient(forward, backward):
             # of a gather of the output (e.g. `take` of some tokens) as
             # `IndexedSlices`, which a reshape makes dense.
             upstream = args[0] if upstream is None else upstream
-            return backward(residuals, ops.reshape(upstream, ops.shape(y)))
+            return backward(residuals, ops.reshape(upstream, y_shape))
 
         return y, grad
 
