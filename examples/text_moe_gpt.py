@@ -7,8 +7,8 @@ Description: A small byte-level decoder-only language model whose feed-forward
 blocks are `SparseMoE`, trained on two kinds of text at once: held-out bits
 per byte per domain, generated text, which experts each domain uses, a
 `.keras` save and reload, and a SavedModel that serves next-byte logits.
-Accelerator: None (a CPU; its run time per backend is not measured yet,
-docs/language_model.md)
+Accelerator: None (a 2-core CPU: 3.5-5 minutes on JAX, TensorFlow and
+torch, measured per backend in docs/language_model.md)
 
 Run it (any backend; the text files are in `../shared/data/text/` relative to
 the project root):
