@@ -203,7 +203,9 @@ def block_size(name, value):
 
 
 def one_of(name, value, allowed):
-    if value not in allowed:
+    # A boolean equals 1 or 0 but is no choice among numbers.
+    boolean = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+    if boolean or value not in allowed:
         raise ValueError(
             f"{name} must be one of {sorted(allowed)}. Received: {name}={value!r}"
         )

@@ -125,11 +125,6 @@ class CAGrad(WeightedGradientWeighting):
     def __init__(self, c_alpha=0.5, rescale=1, iterations=50, **kwargs):
         super().__init__(**kwargs)
         self.c_alpha = check.non_negative_float("c_alpha", c_alpha)
-        if isinstance(rescale, bool):  # True == 1 would pass `one_of`
-            raise ValueError(
-                f"rescale must be one of {list(CAGRAD_RESCALES)}. Received: "
-                f"rescale={rescale!r}"
-            )
         self.rescale = int(check.one_of("rescale", rescale, CAGRAD_RESCALES))
         self.iterations = check.positive_int("iterations", iterations, check.MAX_ITERATIONS)
 

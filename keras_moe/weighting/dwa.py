@@ -63,13 +63,10 @@ class DWA(TaskWeighting):
         self.epochs = self._state("epochs", ())
 
     def current_weights(self):
-        return self._weights(ops.convert_to_tensor(self.epochs))
-
-    def _weights(self, epochs):
         history = ops.convert_to_tensor(self.history)
         ratio = history[1] / ops.maximum(history[0], _EPSILON)
         weights = self.num_tasks * ops.softmax(ratio / self.temperature)
-        ready = epochs >= 2.0
+        ready = ops.convert_to_tensor(self.epochs) >= 2.0
         return ops.where(ready, weights, ops.ones_like(weights))
 
     def call(self, task_losses, training=None):
